@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+# The venv is (re)installed only when pyproject.toml is newer than the last install.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test smoke lint clean
+
+run: $(STAMP)
+	$(BIN)/dlnotes run cnn-mnist --device auto
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+smoke: $(STAMP)
+	$(BIN)/dlnotes smoke
+
+lint: $(STAMP)
+	$(BIN)/ruff check src recipes tests scripts
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade --quiet pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) runs dist build

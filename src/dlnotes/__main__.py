@@ -1,0 +1,3 @@
+from dlnotes.cli import main
+
+main()

@@ -1,0 +1,209 @@
+"""The `dlnotes` command: list, show, run, smoke, cp, predict, runs.
+
+Only the commands that train or predict import torch (through the recipe); `list`, `show` and every
+`--help` read the catalog's metadata and stay fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dlnotes import catalog
+from dlnotes.errors import UserError
+from dlnotes.launch import build_config, execute, print_error
+
+app = typer.Typer(
+    help="dlnotes: a runnable deep-learning cookbook. Start with `dlnotes list`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """A UserError inside a command is one line on stderr and a non-zero exit, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except UserError as err:
+            print_error(str(err))
+            raise typer.Exit(err.exit_code) from None
+
+    return wrapper
+
+
+def _target_text(info: catalog.RecipeInfo) -> str:
+    return f"{info.target[0]} ≥ {info.target[1]}" if info.target else "—"
+
+
+@app.command("list")
+def list_recipes(
+    tag: Optional[str] = typer.Option(None, "--tag", help="Only recipes with this tag."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """List the recipes in the catalog."""
+    recipes = [r for r in catalog.all_recipes().values() if tag is None or tag in r.tags]
+    if as_json:
+        rows = [{"id": r.id, "title": r.title, "tags": list(r.tags), "dataset": r.dataset,
+                 "target": list(r.target) if r.target else None} for r in recipes]
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{len(recipes)} recipes", title_justify="left")
+    for column in ("id", "title", "tags", "dataset", "target"):
+        table.add_column(column, overflow="fold")
+    for r in recipes:
+        table.add_row(r.id, r.title, ", ".join(r.tags), r.dataset, _target_text(r))
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def show(
+    recipe: str = typer.Argument(..., help="Recipe id, e.g. cnn-mnist."),
+    code: bool = typer.Option(True, "--code/--no-code", help="Also print the source."),
+) -> None:
+    """The recipe's lesson (notes with tensor shapes) and its source."""
+    from rich.markdown import Markdown
+    from rich.syntax import Syntax
+
+    info = catalog.get(recipe)
+    console.print(Markdown(f"# {info.id}: {info.title}\n\n{info.notes}"))
+    console.print(f"\ntags: {', '.join(info.tags)}   dataset: {info.dataset}   target: {_target_text(info)}")
+    console.print("flags: " + " ".join(f"{f.flag}={f.default!r}" for f in info.fields))
+    if code:
+        console.print(Syntax(info.path.read_text(), "python", line_numbers=True))
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+)
+def run(ctx: typer.Context, recipe: Optional[str] = typer.Argument(None, help="Recipe id.")) -> None:
+    """Train a recipe: `dlnotes run ID [recipe flags] [--smoke]`; `dlnotes run ID --help` lists its flags."""
+    if recipe is None or recipe.startswith("-"):
+        console.print("Usage: dlnotes run ID [FLAGS]   (dlnotes run ID --help shows the recipe's flags)")
+        console.print("Recipes: " + ", ".join(catalog.all_recipes()))
+        raise typer.Exit(0 if recipe in ("--help", "-h") else 2)
+    try:
+        info = catalog.get(recipe)
+    except UserError as err:
+        print_error(str(err))
+        raise typer.Exit(err.exit_code) from None
+    code = execute(info, list(ctx.args), prog=f"dlnotes run {info.id}")
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+@user_errors
+def smoke(
+    recipes: Optional[list[str]] = typer.Argument(None, help="Recipe ids (default: all)."),
+    device: str = typer.Option("cpu", "--device", help="auto | cpu | cuda | mps"),
+) -> None:
+    """Run recipes with their tiny SMOKE settings; a pass/fail/time table; non-zero exit if any failed."""
+    infos = [catalog.get(r) for r in recipes] if recipes else list(catalog.all_recipes().values())
+    table = Table(title="smoke")
+    for column in ("recipe", "result", "seconds", "metrics / error"):
+        table.add_column(column)
+    failed = 0
+    with tempfile.TemporaryDirectory(prefix="dlnotes-smoke-") as out:
+        for info in infos:
+            start = time.perf_counter()
+            try:
+                module = catalog.load_module(info)
+                values = {f.name: f.default for f in info.fields} | info.smoke
+                values.update({k: v for k, v in {"device": device, "out": out}.items() if info.field(k)})
+                metrics = module.main(build_config(module, values)) or {}
+                result, detail = "pass", ", ".join(f"{k}={v:.3g}" for k, v in metrics.items())
+            except Exception as err:  # a smoke table reports every failure instead of stopping at the first
+                failed += 1
+                result, detail = "FAIL", f"{type(err).__name__}: {err}".splitlines()[0]
+            table.add_row(info.id, result, f"{time.perf_counter() - start:.1f}", detail)
+    console.print(table)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def cp(
+    recipe: str = typer.Argument(..., help="Recipe id."),
+    dest: Path = typer.Argument(..., help="File or folder to copy it to."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Copy a recipe out to edit; the copy runs on its own: `python DEST --epochs 1`."""
+    info = catalog.get(recipe)
+    target = dest / info.path.name if dest.is_dir() else dest
+    if target.exists() and not force:
+        raise UserError(f"{target} exists; pass --force to overwrite it.")
+    if not target.parent.is_dir():
+        raise UserError(f"Folder {target.parent} does not exist.")
+    shutil.copyfile(info.path, target)
+    console.print(f"Copied {info.id} to {target}. Run it with: python {target} --help")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@user_errors
+def predict(
+    ctx: typer.Context,
+    recipe: str = typer.Argument(..., help="Recipe id."),
+    inputs: Optional[list[str]] = typer.Argument(None, help="Inputs: image files, texts, ... as the recipe takes."),
+    run_dir: Path = typer.Option(..., "--run", help="A run directory of this recipe (runs/ID/STAMP)."),
+) -> None:
+    """Use a trained run: load its checkpoint and predict on the inputs."""
+    info = catalog.get(recipe)
+    if not info.can_predict:
+        raise UserError(f"Recipe '{info.id}' trains no model to predict with.")
+    if not run_dir.is_dir():
+        raise UserError(f"Run directory {run_dir} does not exist.")
+    module = catalog.load_module(info)
+    results = module.predict(run_dir, list(inputs or []) + list(ctx.args))
+    for result in results:
+        if "top" in result:
+            ranked = "   ".join(f"{label} {prob:.3f}" for label, prob in result["top"])
+            console.print(f"{result['input']}: {ranked}", highlight=False)
+        else:
+            console.print(f"{result['input']}: {result['output']}", highlight=False)
+
+
+@app.command()
+@user_errors
+def runs(
+    recipe: Optional[str] = typer.Argument(None, help="Only this recipe's runs."),
+    out: Path = typer.Option(Path("runs"), "--out", help="Where runs were written."),
+) -> None:
+    """Past runs with their final metrics."""
+    from dlnotes.tracking import list_runs
+
+    if recipe:
+        catalog.get(recipe)
+    table = Table(title=f"runs under {out}")
+    for column in ("recipe", "run", "metrics", "target", "seconds"):
+        table.add_column(column)
+    for run_dir in list_runs(out, recipe):
+        summary_file = run_dir / "summary.json"
+        if summary_file.is_file():
+            summary = json.loads(summary_file.read_text())
+            metrics = ", ".join(f"{k}={v:.4g}" for k, v in summary["metrics"].items() if isinstance(v, float))
+            met = {True: "met", False: "not met", None: "—"}[summary["target_met"]]
+            table.add_row(run_dir.parent.name, str(run_dir), metrics, met, f"{summary['wall_time_s']:.0f}")
+        else:
+            table.add_row(run_dir.parent.name, str(run_dir), "(unfinished)", "—", "—")
+    console.print(table)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,68 @@
+"""Command-line flags generated from a recipe's Config fields: one source of truth for every flag.
+
+`dlnotes run ID --help` and `python recipes/ID.py --help` show the same flags, built from the metadata the
+catalog reads with `ast`, so asking for help never imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from dlnotes.catalog import RecipeInfo
+from dlnotes.errors import UserError
+
+
+@dataclass
+class RunOptions:
+    """Options of the launch itself, not of the recipe."""
+
+    smoke: bool = False
+
+
+def require_positive(config: Any, *names: str) -> None:
+    """Called from a Config's __post_init__: a zero or negative step count, size or rate is a user error."""
+    for name in names:
+        value = getattr(config, name)
+        if not value > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}.")
+
+
+def build_command(info: RecipeInfo, prog: str) -> click.Command:
+    params: list[click.Parameter] = []
+    for spec in info.fields:
+        if spec.type is bool:
+            params.append(click.Option([f"{spec.flag}/--no-{spec.flag[2:]}"], default=spec.default, help=spec.help,
+                                       show_default=True))
+        else:
+            params.append(click.Option([spec.flag], type=spec.type, default=spec.default, help=spec.help,
+                                       show_default=True))
+    params.append(click.Option(["--smoke"], is_flag=True, help=f"Tiny run with the recipe's SMOKE settings {info.smoke}."))
+    return click.Command(prog, params=params, help=f"{info.title}\n\nFlags come from the recipe's Config.",
+                         callback=lambda **values: values)
+
+
+def parse_args(info: RecipeInfo, args: list[str], prog: str) -> tuple[dict[str, Any], RunOptions] | None:
+    """Turn argv into Config values. Returns None when help was shown. Bad flags raise UserError."""
+    command = build_command(info, prog)
+    try:
+        with command.make_context(prog, list(args)) as ctx:
+            values = command.invoke(ctx)
+            explicit = {
+                name
+                for name in values
+                if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+            }
+    except click.exceptions.Exit:
+        return None  # --help was printed
+    except click.ClickException as err:
+        raise UserError(err.format_message().replace("\n", " ")) from err
+    options = RunOptions(smoke=values.pop("smoke"))
+    if options.smoke:
+        unknown = set(info.smoke) - set(values)
+        if unknown:
+            raise UserError(f"SMOKE of recipe '{info.id}' names unknown fields: {sorted(unknown)}")
+        values.update({k: v for k, v in info.smoke.items() if k not in explicit})
+    return values, options

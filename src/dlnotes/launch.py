@@ -1,0 +1,49 @@
+"""Running a recipe from command-line arguments, the same way from `dlnotes run ID` and `python recipe.py`."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from dlnotes.catalog import RecipeInfo, load_module, read_recipe
+from dlnotes.errors import UserError
+from dlnotes.flags import parse_args
+
+
+def print_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def build_config(module: ModuleType, values: dict[str, Any]) -> Any:
+    try:
+        return module.Config(**values)
+    except TypeError as err:  # a field the Config does not have
+        raise UserError(str(err)) from err
+
+
+def execute(info: RecipeInfo, args: list[str], prog: str, module: ModuleType | None = None) -> int:
+    """Parse flags, build the Config, call the recipe's main. User errors become one line and exit code 2."""
+    try:
+        parsed = parse_args(info, args, prog)
+        if parsed is None:
+            return 0
+        values, _options = parsed
+        module = module or load_module(info)
+        module.main(build_config(module, values))
+        return 0
+    except UserError as err:
+        print_error(str(err))
+        return err.exit_code
+    except KeyboardInterrupt:
+        print_error("interrupted.")
+        return 130
+
+
+def cli(config_class: type, main: Callable[[Any], dict[str, float]]) -> None:
+    """`python recipe.py --flags`: the same flags as `dlnotes run`, for a recipe file run or copied on its own."""
+    module = sys.modules[main.__module__]
+    path = Path(module.__file__ or sys.argv[0])
+    sys.exit(execute(read_recipe(path), sys.argv[1:], prog=path.name, module=module))

@@ -1,0 +1,79 @@
+"""Test session setup: the network is blocked (offline is proven, not hoped), runs go to temp dirs."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ["HF_HUB_OFFLINE"] = "1"  # transformers/datasets must never try the hub
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+_real_connect = socket.socket.connect
+_real_connect_ex = socket.socket.connect_ex
+
+
+def _is_local(address: object) -> bool:
+    if isinstance(address, tuple) and address:
+        host = str(address[0])
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+    return True  # AF_UNIX paths are local
+
+
+def _guarded(real):
+    def connect(sock: socket.socket, address: object, *args: object):
+        if not _is_local(address):
+            raise ConnectionRefusedError(f"network blocked in tests: {address}")
+        return real(sock, address, *args)
+
+    return connect
+
+
+@pytest.fixture(autouse=True, scope="session")
+def block_network():
+    """Any connection to a non-loopback address fails, in every test."""
+    socket.socket.connect = _guarded(_real_connect)
+    socket.socket.connect_ex = _guarded(_real_connect_ex)
+    yield
+    socket.socket.connect = _real_connect
+    socket.socket.connect_ex = _real_connect_ex
+
+
+@pytest.fixture
+def out_dir(tmp_path: Path) -> Path:
+    """Where a test's runs go; also the working directory, so nothing lands in the repo."""
+    out = tmp_path / "runs"
+    out.mkdir()
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _cwd_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def smoke_run(out_dir: Path):
+    """Run a recipe's main() in-process with its SMOKE settings (plus overrides) on the CPU.
+    Returns (metrics, run directory)."""
+    from dlnotes import catalog
+    from dlnotes.tracking import latest_run
+
+    def run(recipe: str, **overrides: object) -> tuple[dict[str, float], Path]:
+        info = catalog.get(recipe)
+        module = catalog.load_module(info)
+        values = {f.name: f.default for f in info.fields} | info.smoke
+        values |= {k: v for k, v in {"device": "cpu", "out": str(out_dir)}.items() if info.field(k)}
+        metrics = module.main(module.Config(**(values | overrides)))
+        return metrics, latest_run(out_dir, info.id) if info.field("out") else out_dir
+
+    return run
