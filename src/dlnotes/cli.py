@@ -21,6 +21,7 @@ from rich.table import Table
 
 from dlnotes import catalog
 from dlnotes.errors import UserError
+from dlnotes.flags import parse_predict_args
 from dlnotes.launch import build_config, execute, print_error
 
 app = typer.Typer(
@@ -160,18 +161,20 @@ def cp(
 def predict(
     ctx: typer.Context,
     recipe: str = typer.Argument(..., help="Recipe id."),
-    inputs: Optional[list[str]] = typer.Argument(None, help="Inputs: image files, texts, ... as the recipe takes."),
     run_dir: Path = typer.Option(..., "--run", help="A run directory of this recipe (runs/ID/STAMP)."),
 ) -> None:
-    """Use a trained run: load its checkpoint and predict on the inputs."""
+    """Use a trained run: `dlnotes predict ID --run DIR INPUT... [recipe options]`.
+
+    INPUTs are what the recipe takes (image files, texts, ...); options after them come from the
+    keyword arguments of the recipe's `predict` function (e.g. `--episodes 10` for dqn)."""
     info = catalog.get(recipe)
     if not info.can_predict:
         raise UserError(f"Recipe '{info.id}' trains no model to predict with.")
     if not run_dir.is_dir():
         raise UserError(f"Run directory {run_dir} does not exist.")
     module = catalog.load_module(info)
-    results = module.predict(run_dir, list(inputs or []) + list(ctx.args))
-    for result in results:
+    inputs, options = parse_predict_args(module.predict, list(ctx.args), prog=f"dlnotes predict {info.id}")
+    for result in module.predict(run_dir, inputs, **options):
         if "top" in result:
             ranked = "   ".join(f"{label} {prob:.3f}" for label, prob in result["top"])
             console.print(f"{result['input']}: {ranked}", highlight=False)

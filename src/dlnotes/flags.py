@@ -6,6 +6,8 @@ catalog reads with `ast`, so asking for help never imports torch.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,3 +68,24 @@ def parse_args(info: RecipeInfo, args: list[str], prog: str) -> tuple[dict[str, 
             raise UserError(f"SMOKE of recipe '{info.id}' names unknown fields: {sorted(unknown)}")
         values.update({k: v for k, v in info.smoke.items() if k not in explicit})
     return values, options
+
+
+def parse_predict_args(predict: Callable[..., Any], args: list[str], prog: str) -> tuple[list[str], dict[str, Any]]:
+    """Inputs and options for a recipe's `predict(run_dir, inputs, **options)`: each keyword argument with a
+    default becomes a flag (`episodes: int = 10` -> `--episodes 10`); everything else is an input."""
+    types = {"int": int, "float": float, "str": str, "bool": bool, int: int, float: float, str: str, bool: bool}
+    params: list[click.Parameter] = [click.Argument(["inputs"], nargs=-1)]
+    for name, param in list(inspect.signature(predict).parameters.items())[2:]:
+        flag = "--" + name.replace("_", "-")
+        kind = types.get(param.annotation, str)
+        if kind is bool:
+            params.append(click.Option([f"{flag}/--no-{flag[2:]}"], default=param.default, show_default=True))
+        else:
+            params.append(click.Option([flag], type=kind, default=param.default, show_default=True))
+    command = click.Command(prog, params=params, callback=lambda **values: values)
+    try:
+        with command.make_context(prog, args) as ctx:
+            values = command.invoke(ctx)
+    except click.ClickException as err:
+        raise UserError(err.format_message().replace("\n", " ")) from err
+    return list(values.pop("inputs")), values
