@@ -77,3 +77,15 @@ def smoke_run(out_dir: Path):
         return metrics, latest_run(out_dir, info.id) if info.field("out") else out_dir
 
     return run
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` run only where a CUDA GPU is present."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none here")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -30,7 +30,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+
+
+def console() -> Console:
+    """A fresh Console per command, so the width follows the terminal (or $COLUMNS) at that moment."""
+    return Console()
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -53,7 +57,7 @@ def _target_text(info: catalog.RecipeInfo) -> str:
 
 @app.command("list")
 def list_recipes(
-    tag: Optional[str] = typer.Option(None, "--tag", help="Only recipes with this tag."),
+    tag: str | None = typer.Option(None, "--tag", help="Only recipes with this tag."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """List the recipes in the catalog."""
@@ -68,7 +72,7 @@ def list_recipes(
         table.add_column(column, overflow="fold")
     for r in recipes:
         table.add_row(r.id, r.title, ", ".join(r.tags), r.dataset, _target_text(r))
-    console.print(table)
+    console().print(table)
 
 
 @app.command()
@@ -82,21 +86,21 @@ def show(
     from rich.syntax import Syntax
 
     info = catalog.get(recipe)
-    console.print(Markdown(f"# {info.id}: {info.title}\n\n{info.notes}"))
-    console.print(f"\ntags: {', '.join(info.tags)}   dataset: {info.dataset}   target: {_target_text(info)}")
-    console.print("flags: " + " ".join(f"{f.flag}={f.default!r}" for f in info.fields))
+    console().print(Markdown(f"# {info.id}: {info.title}\n\n{info.notes}"))
+    console().print(f"\ntags: {', '.join(info.tags)}   dataset: {info.dataset}   target: {_target_text(info)}")
+    console().print("flags: " + " ".join(f"{f.flag}={f.default!r}" for f in info.fields))
     if code:
-        console.print(Syntax(info.path.read_text(), "python", line_numbers=True))
+        console().print(Syntax(info.path.read_text(), "python", line_numbers=True))
 
 
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
 )
-def run(ctx: typer.Context, recipe: Optional[str] = typer.Argument(None, help="Recipe id.")) -> None:
+def run(ctx: typer.Context, recipe: str | None = typer.Argument(None, help="Recipe id.")) -> None:
     """Train a recipe: `dlnotes run ID [recipe flags] [--smoke]`; `dlnotes run ID --help` lists its flags."""
     if recipe is None or recipe.startswith("-"):
-        console.print("Usage: dlnotes run ID [FLAGS]   (dlnotes run ID --help shows the recipe's flags)")
-        console.print("Recipes: " + ", ".join(catalog.all_recipes()))
+        console().print("Usage: dlnotes run ID [FLAGS]   (dlnotes run ID --help shows the recipe's flags)")
+        console().print("Recipes: " + ", ".join(catalog.all_recipes()))
         raise typer.Exit(0 if recipe in ("--help", "-h") else 2)
     try:
         info = catalog.get(recipe)
@@ -111,7 +115,7 @@ def run(ctx: typer.Context, recipe: Optional[str] = typer.Argument(None, help="R
 @app.command()
 @user_errors
 def smoke(
-    recipes: Optional[list[str]] = typer.Argument(None, help="Recipe ids (default: all)."),
+    recipes: list[str] | None = typer.Argument(None, help="Recipe ids (default: all)."),
     device: str = typer.Option("cpu", "--device", help="auto | cpu | cuda | mps"),
 ) -> None:
     """Run recipes with their tiny SMOKE settings; a pass/fail/time table; non-zero exit if any failed."""
@@ -133,7 +137,7 @@ def smoke(
                 failed += 1
                 result, detail = "FAIL", f"{type(err).__name__}: {err}".splitlines()[0]
             table.add_row(info.id, result, f"{time.perf_counter() - start:.1f}", detail)
-    console.print(table)
+    console().print(table)
     if failed:
         raise typer.Exit(1)
 
@@ -153,7 +157,7 @@ def cp(
     if not target.parent.is_dir():
         raise UserError(f"Folder {target.parent} does not exist.")
     shutil.copyfile(info.path, target)
-    console.print(f"Copied {info.id} to {target}. Run it with: python {target} --help")
+    console().print(f"Copied {info.id} to {target}. Run it with: python {target} --help")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -177,15 +181,15 @@ def predict(
     for result in module.predict(run_dir, inputs, **options):
         if "top" in result:
             ranked = "   ".join(f"{label} {prob:.3f}" for label, prob in result["top"])
-            console.print(f"{result['input']}: {ranked}", highlight=False)
+            console().print(f"{result['input']}: {ranked}", highlight=False)
         else:
-            console.print(f"{result['input']}: {result['output']}", highlight=False)
+            console().print(f"{result['input']}: {result['output']}", highlight=False)
 
 
 @app.command()
 @user_errors
 def runs(
-    recipe: Optional[str] = typer.Argument(None, help="Only this recipe's runs."),
+    recipe: str | None = typer.Argument(None, help="Only this recipe's runs."),
     out: Path = typer.Option(Path("runs"), "--out", help="Where runs were written."),
 ) -> None:
     """Past runs with their final metrics."""
@@ -195,7 +199,7 @@ def runs(
         catalog.get(recipe)
     table = Table(title=f"runs under {out}")
     for column in ("recipe", "run", "metrics", "target", "seconds"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for run_dir in list_runs(out, recipe):
         summary_file = run_dir / "summary.json"
         if summary_file.is_file():
@@ -205,7 +209,7 @@ def runs(
             table.add_row(run_dir.parent.name, str(run_dir), metrics, met, f"{summary['wall_time_s']:.0f}")
         else:
             table.add_row(run_dir.parent.name, str(run_dir), "(unfinished)", "—", "—")
-    console.print(table)
+    console().print(table)
 
 
 def main() -> None:

@@ -41,7 +41,8 @@ def build_command(info: RecipeInfo, prog: str) -> click.Command:
         else:
             params.append(click.Option([spec.flag], type=spec.type, default=spec.default, help=spec.help,
                                        show_default=True))
-    params.append(click.Option(["--smoke"], is_flag=True, help=f"Tiny run with the recipe's SMOKE settings {info.smoke}."))
+    smoke_help = f"Tiny run with the recipe's SMOKE settings {info.smoke}."
+    params.append(click.Option(["--smoke"], is_flag=True, help=smoke_help))
     return click.Command(prog, params=params, help=f"{info.title}\n\nFlags come from the recipe's Config.",
                          callback=lambda **values: values)
 

@@ -69,3 +69,48 @@ def plot_image_grid(images: np.ndarray, true: np.ndarray, predicted: np.ndarray,
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path, title: str = "") -> None:
+    """Counts of (true class, predicted class), with each row's share: the diagonal is what was right."""
+    plt = _pyplot()
+    matrix = np.asarray(matrix)
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = 1.2 + 1.1 * len(classes)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for (row, col), count in np.ndenumerate(matrix):
+        ax.text(col, row, f"{count}\n{shares[row, col]:.0%}", ha="center", va="center", fontsize=9,
+                color="white" if shares[row, col] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(image, ax=ax, label="share of the true class")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_attention(examples: list[tuple[list[str], list[str], np.ndarray]], path: Path, title: str = "") -> None:
+    """Attention heat maps, one panel per (source tokens, output tokens, weights (T_out, T_src)) example:
+    row t shows where the decoder looked while it wrote output token t."""
+    plt = _pyplot()
+    if not examples:
+        return
+    widths = [max(len(src), 4) for src, _, _ in examples]
+    heights = [max(len(out), 4) for _, out, _ in examples]
+    scale = 0.32
+    fig, axes = plt.subplots(len(examples), 1, squeeze=False,
+                             figsize=(max(widths) * scale + 2.5, sum(heights) * scale + 1.5 * len(examples)),
+                             gridspec_kw={"height_ratios": heights})
+    for ax, (source, output, weights) in zip(axes[:, 0], examples):
+        ax.imshow(np.asarray(weights)[: len(output), : len(source)], cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(source)), source, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(len(output)), output, fontsize=8)
+        ax.set_xlabel("source", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
