@@ -212,5 +212,20 @@ def runs(
     console().print(table)
 
 
+@app.command()
+@user_errors
+def serve(
+    model: str = typer.Option("", "--model", help="A model folder, a .gguf file, or empty for SmolLM2-135M-Instruct."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Bind address; loopback by default."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    api_key: str = typer.Option("", "--api-key", envvar="DLNOTES_API_KEY",
+                                help="Require this bearer token (default: no key)."),
+) -> None:
+    """An OpenAI-compatible chat server (`/v1/models`, `/v1/chat/completions`) for a local model."""
+    from dlnotes.serve import serve as run_server
+
+    run_server(model=model, host=host, port=port, api_key=api_key)
+
+
 def main() -> None:
     app()
