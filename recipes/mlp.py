@@ -25,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dlnotes.catalog import recipe_id
-from dlnotes.checkpoint import load_checkpoint, restore_config, save_checkpoint
-from dlnotes.datasets import batch_indices, load_image_dataset
+from dlnotes.checkpoint import load_checkpoint, load_weights, restore_config, save_checkpoint
+from dlnotes.datasets import batch_indices, epoch_generator, load_image_dataset
 from dlnotes.device import pick_device, seed_everything
 from dlnotes.flags import require_positive
 from dlnotes.images import read_image_like_mnist
@@ -101,10 +101,12 @@ def main(cfg: Config) -> dict[str, float]:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr,
                                                     total_steps=cfg.epochs * steps_per_epoch)
 
-    for epoch in range(1, cfg.epochs + 1):
+    start = run.attach(model, optimizer, scheduler, generator)  # on --resume, restores all four
+    for epoch in range(start.epoch, cfg.epochs + 1):
         model.train()  # dropout on
-        batches = batch_indices(len(train_x), cfg.batch_size, generator, limit=cfg.limit_batches)
-        total_loss = torch.zeros((), device=device)
+        # The order depends on (seed, epoch) only, so a run resumed mid-epoch redraws the same batches.
+        order = epoch_generator(cfg.seed, epoch)
+        batches = batch_indices(len(train_x), cfg.batch_size, order, limit=cfg.limit_batches)
         for idx in run.progress(batches, total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}"):
             idx = idx.to(device)
             images, labels = train_x[idx], train_y[idx]  # (B, 1, 28, 28), (B,)
@@ -115,10 +117,9 @@ def main(cfg: Config) -> dict[str, float]:
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total_loss += loss.detach()
             run.update(len(idx), loss=loss.detach())
         test_loss, test_acc, _ = evaluate(model, test_x, test_y)
-        run.log(epoch=epoch, train_loss=total_loss.item() / len(batches), test_loss=test_loss, test_acc=test_acc)
+        run.end_epoch(epoch, train_loss=run.epoch_mean("loss"), test_loss=test_loss, test_acc=test_acc)
 
     test_loss, test_acc, predicted = evaluate(model, test_x, test_y)
     save_checkpoint(run.dir, run.recipe, model, cfg, classes=list(data.classes))
@@ -132,7 +133,7 @@ def predict(run_dir: str | Path, inputs: list[str]) -> list[dict]:
     state = load_checkpoint(run_dir, recipe_id(__file__))
     cfg = restore_config(Config, state)
     model = MLP(cfg.hidden, cfg.dropout, len(state["classes"]))
-    model.load_state_dict(state["model"])
+    load_weights(model, state)
     model.eval()
     style = "fashion" if cfg.dataset == "fashion-mnist" else "digit"
     pixels = torch.stack([torch.from_numpy(read_image_like_mnist(p, style)) for p in inputs])  # (B, 28, 28)

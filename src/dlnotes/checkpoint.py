@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dlnotes import __version__
@@ -33,7 +35,12 @@ def save_checkpoint(run_dir: Path, recipe: str, model: torch.nn.Module, config: 
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **extra,
     }
-    tmp = path.with_suffix(".tmp")
+    return atomic_save(state, path)
+
+
+def atomic_save(state: dict[str, Any], path: Path) -> Path:
+    """torch.save to a temporary file, then rename: a second Ctrl-C or a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
     return path
@@ -47,6 +54,11 @@ def load_checkpoint(run_dir: str | Path, recipe: str) -> dict[str, Any]:
     path = run_dir / CHECKPOINT_NAME
     if not path.is_file():
         raise UserError(f"{run_dir} has no {CHECKPOINT_NAME}; did that run finish?")
+    return load_state_file(path, recipe)
+
+
+def load_state_file(path: Path, recipe: str) -> dict[str, Any]:
+    run_dir = path.parent if path.parent.name != "checkpoints" else path.parent.parent
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -57,7 +69,46 @@ def load_checkpoint(run_dir: str | Path, recipe: str) -> dict[str, Any]:
         raise UserError(f"{path} is not a dlnotes checkpoint.")
     if state["recipe"] != recipe:
         raise UserError(f"{run_dir} is a run of '{state['recipe']}', not '{recipe}'.")
+    if state.get("format", 0) > FORMAT:
+        raise UserError(f"{path} was written by a newer dlnotes (format {state['format']}); upgrade to load it.")
     return state
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, Any], key: str = "model") -> None:
+    """load_state_dict with a clear error when the checkpoint was made for a differently shaped model."""
+    try:
+        model.load_state_dict(state[key])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        detail = next((line.strip() for line in first[1:] if line.strip()), first[0] if first else "")
+        raise UserError(f"The checkpoint does not fit this model (another version or other flags?): {detail}") from err
+
+
+# --- random number generators: everything a resumed run needs to continue the same sequence -----------------
+
+
+def capture_rng(generator: torch.Generator | None) -> dict[str, Any]:
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "python": list(random.getstate()[1]),
+        "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generator": generator.get_state() if generator is not None else None,
+    }
+
+
+def restore_rng(state: dict[str, Any], generator: torch.Generator | None) -> None:
+    random.setstate((3, tuple(state["python"]), None))
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and state["generator"] is not None:
+        generator.set_state(state["generator"])
 
 
 def restore_config(config_class: type, state: dict[str, Any]) -> Any:

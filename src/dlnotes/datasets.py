@@ -162,6 +162,14 @@ def _download_with_torchvision(name: str, classes: tuple[str, ...]) -> ImageData
 # --- minibatches from tensors already in memory ----------------------------------------------------------
 
 
+def epoch_generator(seed: int, epoch: int) -> object:
+    """A generator for one epoch's data order, a function of (seed, epoch) only: a run resumed in the
+    middle of an epoch redraws exactly the batches it was interrupted in."""
+    import torch
+
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
 def batch_indices(n: int, batch_size: int, generator: object = None, shuffle: bool = True,
                   limit: int = 0) -> list:
     """Index tensors of each minibatch: a fresh permutation per epoch when `shuffle`. `limit` > 0 keeps

@@ -9,3 +9,15 @@ class UserError(Exception):
 
 class DataError(UserError):
     """A data file is missing, incomplete or does not match its recorded checksum."""
+
+
+class TrainingInterrupted(UserError):
+    """Ctrl-C during training: a checkpoint was saved; the message says how to resume."""
+
+    exit_code = 130
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+    exit_code = 3

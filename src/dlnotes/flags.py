@@ -19,9 +19,21 @@ from dlnotes.errors import UserError
 
 @dataclass
 class RunOptions:
-    """Options of the launch itself, not of the recipe."""
+    """Options of the launch itself, not of the recipe: the same for every recipe."""
 
     smoke: bool = False
+    resume: str = ""  # a run directory to continue
+    save_every: int = 0  # also checkpoint every N optimizer steps (every epoch end always checkpoints)
+    keep: int = 3  # how many of the newest step checkpoints to keep
+
+    explicit: frozenset[str] = frozenset()  # the Config fields given on the command line
+
+
+RUN_OPTION_HELP = {
+    "resume": "Continue the run in this directory from its newest checkpoint (only --epochs/--device may change).",
+    "save_every": "Also write a checkpoint every N optimizer steps (0 = only at the end of each epoch).",
+    "keep": "Keep the newest N step checkpoints (plus best.pt).",
+}
 
 
 def require_positive(config: Any, *names: str) -> None:
@@ -43,6 +55,11 @@ def build_command(info: RecipeInfo, prog: str) -> click.Command:
                                        show_default=True))
     smoke_help = f"Tiny run with the recipe's SMOKE settings {info.smoke}."
     params.append(click.Option(["--smoke"], is_flag=True, help=smoke_help))
+    params.append(click.Option(["--resume"], default="", metavar="RUN_DIR", help=RUN_OPTION_HELP["resume"]))
+    params.append(click.Option(["--save-every"], type=click.IntRange(min=0), default=0, show_default=True,
+                               help=RUN_OPTION_HELP["save_every"]))
+    params.append(click.Option(["--keep"], type=click.IntRange(min=1), default=3, show_default=True,
+                               help=RUN_OPTION_HELP["keep"]))
     return click.Command(prog, params=params, help=f"{info.title}\n\nFlags come from the recipe's Config.",
                          callback=lambda **values: values)
 
@@ -62,7 +79,8 @@ def parse_args(info: RecipeInfo, args: list[str], prog: str) -> tuple[dict[str, 
         return None  # --help was printed
     except click.ClickException as err:
         raise UserError(err.format_message().replace("\n", " ")) from err
-    options = RunOptions(smoke=values.pop("smoke"))
+    options = RunOptions(smoke=values.pop("smoke"), resume=values.pop("resume"), save_every=values.pop("save_every"),
+                         keep=values.pop("keep"), explicit=frozenset(explicit & set(values)))
     if options.smoke:
         unknown = set(info.smoke) - set(values)
         if unknown:

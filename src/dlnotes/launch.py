@@ -9,8 +9,9 @@ from types import ModuleType
 from typing import Any
 
 from dlnotes.catalog import RecipeInfo, load_module, read_recipe
-from dlnotes.errors import UserError
-from dlnotes.flags import parse_args
+from dlnotes.errors import TrainingInterrupted, UserError
+from dlnotes.flags import RunOptions, parse_args
+from dlnotes.tracking import RESUMABLE_CHANGES, read_run_config, use_options
 
 
 def print_error(message: str) -> None:
@@ -24,16 +25,35 @@ def build_config(module: ModuleType, values: dict[str, Any]) -> Any:
         raise UserError(str(err)) from err
 
 
+def resume_values(info: RecipeInfo, given: dict[str, Any], options: RunOptions) -> dict[str, Any]:
+    """A resumed run keeps the flags it was started with; only RESUMABLE_CHANGES may be given anew."""
+    saved = read_run_config(Path(options.resume), info.id)["config"]
+    values = {f.name: saved.get(f.name, f.default) for f in info.fields}
+    values.update({name: given[name] for name in options.explicit & set(RESUMABLE_CHANGES)})
+    refused = sorted(options.explicit - set(RESUMABLE_CHANGES))
+    if refused:
+        flags = ", ".join("--" + name.replace("_", "-") for name in refused)
+        allowed = ", ".join("--" + name for name in RESUMABLE_CHANGES)
+        raise UserError(f"--resume keeps the run's flags; {flags} cannot change (only {allowed} can).")
+    return values
+
+
 def execute(info: RecipeInfo, args: list[str], prog: str, module: ModuleType | None = None) -> int:
     """Parse flags, build the Config, call the recipe's main. User errors become one line and exit code 2."""
     try:
         parsed = parse_args(info, args, prog)
         if parsed is None:
             return 0
-        values, _options = parsed
+        values, options = parsed
+        if options.resume:
+            values = resume_values(info, values, options)
         module = module or load_module(info)
+        use_options(options)
         module.main(build_config(module, values))
         return 0
+    except TrainingInterrupted as stop:
+        print(str(stop), file=sys.stderr)
+        return stop.exit_code
     except UserError as err:
         print_error(str(err))
         return err.exit_code

@@ -6,6 +6,14 @@
         events.out.tfevents.*   TensorBoard (`tensorboard --logdir runs`)
         curves.png       every logged metric against the epoch/step
         summary.json     final metrics, the recipe's target and whether it was met, wall time
+        checkpoints/     training states to resume from: last-<step>.pt (the newest K) and best.pt
+
+Training that survives interruption: `run.attach(model, optimizer, scheduler, generator)` makes the run
+resumable. Ctrl-C then finishes the current step, writes a checkpoint with optimizer, scheduler, every RNG
+state and the position in the data order, and stops with exit code 130; a second Ctrl-C stops at once
+(checkpoints are written to a temporary file and renamed, so none is ever half-written).
+`dlnotes run ID --resume RUN_DIR` continues the same directory. A non-finite loss stops the run and names
+the step.
 """
 
 from __future__ import annotations
@@ -13,20 +21,41 @@ from __future__ import annotations
 import json
 import math
 import platform
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from dlnotes import __version__
 from dlnotes.catalog import read_recipe, recipe_id
-from dlnotes.errors import UserError
+from dlnotes.errors import TrainingDiverged, TrainingInterrupted, UserError
+from dlnotes.flags import RunOptions
 
 T = TypeVar("T")
 PLAIN_PROGRESS_EVERY_S = 10.0  # without a terminal, one progress line this often keeps CI logs readable
+RESUMABLE_CHANGES = ("epochs", "device", "out")  # flags a resumed run may change; the rest must match
+
+_launch_options = RunOptions()
+
+
+def use_options(options: RunOptions) -> None:
+    """Set the launch options (--resume, --save-every, --keep) that the next Run picks up."""
+    global _launch_options
+    _launch_options = options
+
+
+@dataclass
+class Position:
+    """Where training stands: the epoch to run (1-based), batches of it already done, optimizer steps done."""
+
+    epoch: int = 1
+    batch: int = 0
+    step: int = 0
 
 
 def new_run_dir(out: Path, recipe: str) -> Path:
@@ -62,22 +91,142 @@ def latest_run(out: str | Path, recipe: str) -> Path:
 class Run:
     """What a recipe writes while it trains. Create it first; call `finish` with the final metrics."""
 
-    def __init__(self, recipe_file: str, config: Any, device: Any = "cpu") -> None:
+    def __init__(self, recipe_file: str, config: Any, device: Any = "cpu", options: RunOptions | None = None):
         self.recipe = recipe_id(recipe_file)
         self.target = read_recipe(Path(recipe_file)).target
         self.config = config
         self.device = str(device)
-        self.dir = new_run_dir(Path(config.out), self.recipe)
+        self.options = options or _launch_options
         self.history: list[dict[str, Any]] = []
         self.samples_per_s = 0.0
+        self.position = Position()
         self._started = time.perf_counter()
         self._writer: Any = None
         self._samples = 0
         self._live: dict[str, Any] = {}
+        self._sums: dict[str, Any] = {}
+        self._counts: dict[str, int] = {}
+        self._skip = 0
+        self._best: float | None = None
+        self._attached: dict[str, Any] = {}
+        self._stop_requested = False
+        self._previous_handler: Any = None
+        self._resume_state: dict[str, Any] | None = None
         meta = {"recipe": self.recipe, "device": self.device, "dlnotes": __version__,
                 "python": platform.python_version(), "torch": _torch_version()}
-        (self.dir / "config.json").write_text(json.dumps({"config": asdict(config), "meta": meta}, indent=2))
+        if self.options.resume:
+            self.dir = Path(self.options.resume)
+            self._open_for_resume(meta)
+        else:
+            self.dir = new_run_dir(Path(config.out), self.recipe)
+            (self.dir / "config.json").write_text(json.dumps({"config": asdict(config), "meta": meta}, indent=2))
         self._metrics = (self.dir / "metrics.jsonl").open("a")
+
+    def _open_for_resume(self, meta: dict[str, Any]) -> None:
+        from dlnotes.checkpoint import load_state_file
+
+        saved = read_run_config(self.dir, self.recipe)
+        newest = latest_checkpoint(self.dir)
+        if newest is None:
+            raise UserError(f"{self.dir} has no checkpoint to resume from (checkpoints/last-*.pt).")
+        self._resume_state = load_state_file(newest, self.recipe)
+        changed = {k: [saved["config"].get(k), v] for k, v in asdict(self.config).items()
+                   if saved["config"].get(k) != v}
+        saved.setdefault("resumed", []).append({"from": newest.name, "changed": changed, "meta": meta})
+        saved["config"] = asdict(self.config)
+        (self.dir / "config.json").write_text(json.dumps(saved, indent=2))
+        # Rows logged after the checkpoint was written will be logged again: keep only the ones before it.
+        rows = (self.dir / "metrics.jsonl").read_text().splitlines()[: self._resume_state["metrics_rows"]]
+        (self.dir / "metrics.jsonl").write_text("".join(line + "\n" for line in rows))
+        self.history = [json.loads(line) for line in rows]
+
+    # --- resumable training ----------------------------------------------------------------------------------
+
+    def attach(self, model: Any, optimizer: Any = None, scheduler: Any = None, generator: Any = None) -> Position:
+        """Make training resumable: Ctrl-C and periodic checkpoints save these objects' states. When the run
+        is a resume, their states are restored here. Returns the Position to start from."""
+        from dlnotes.checkpoint import load_weights, restore_rng
+
+        self._attached = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "generator": generator}
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        state = self._resume_state
+        if state is None:
+            return self.position
+        load_weights(model, state)
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            # A resume may change --epochs: keep the schedule's new length, continue from the saved step.
+            fresh = scheduler.state_dict()
+            scheduler.load_state_dict(state["scheduler"] | {k: fresh[k] for k in ("total_steps", "_schedule_phases")
+                                                            if k in fresh})
+        restore_rng(state["rng"], generator)
+        self.position = Position(**state["position"])
+        self._sums, self._counts = state["sums"], state["counts"]
+        self._skip, self._best = self.position.batch, state["best"]
+        print(f"resuming {self.dir} at step {self.position.step} "
+              f"(epoch {self.position.epoch}, batch {self.position.batch})", flush=True)
+        return self.position
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._stop_requested:  # the second Ctrl-C: stop now; checkpoints on disk are whole (atomic renames)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to quit at once)",
+              file=sys.stderr, flush=True)
+
+    def _after_step(self) -> None:
+        self.position.batch += 1
+        self.position.step += 1
+        if not self._attached:
+            return
+        if self._stop_requested:
+            path = self.save_state()
+            self._write_curves()
+            self.close()
+            raise TrainingInterrupted(
+                f"Interrupted at step {self.position.step}; saved {path}. "
+                f"Resume with: dlnotes run {self.recipe} --resume {self.dir}")
+        if self.options.save_every and self.position.step % self.options.save_every == 0:
+            self.save_state()
+
+    def save_state(self, name: str = "") -> Path:
+        """Write a full training state to checkpoints/ (last-<step>.pt, keeping the newest --keep)."""
+        from dlnotes.checkpoint import atomic_save, capture_rng
+
+        folder = self.dir / "checkpoints"
+        folder.mkdir(exist_ok=True)
+        model, optimizer, scheduler, generator = (self._attached[k] for k in
+                                                   ("model", "optimizer", "scheduler", "generator"))
+        state = {
+            "format": 1, "recipe": self.recipe, "dlnotes_version": __version__, "config": asdict(self.config),
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": capture_rng(generator), "position": asdict(self.position),
+            "sums": {k: v.detach().cpu() if hasattr(v, "detach") else v for k, v in self._sums.items()},
+            "counts": dict(self._counts), "best": self._best, "metrics_rows": len(self.history),
+        }
+        path = atomic_save(state, folder / (name or f"last-{self.position.step:08d}.pt"))
+        if not name:
+            for old in sorted(folder.glob("last-*.pt"))[: -max(self.options.keep, 1)]:
+                old.unlink()
+        return path
+
+    def end_epoch(self, epoch: int, **metrics: Any) -> None:
+        """Log the epoch's metrics, checkpoint the run, and keep checkpoints/best.pt by the target metric."""
+        self.log(epoch=epoch, **metrics)
+        self.position = Position(epoch=epoch + 1, batch=0, step=self.position.step)
+        if not self._attached:
+            return
+        self.save_state()
+        if self.target and self.target[0] in metrics:
+            value = float(_plain(metrics[self.target[0]]))
+            if self._best is None or value > self._best:
+                self._best = value
+                self.save_state("best.pt")
 
     # --- metrics ---------------------------------------------------------------------------------------------
 
@@ -106,29 +255,33 @@ class Run:
         """Yield from `iterable`, showing progress: a live bar on a terminal, a line every few seconds otherwise.
         Inside the loop call `run.update(samples, loss=loss)`; values are read only when shown."""
         self._samples, self._live = 0, {}
+        done = self._skip
+        iterable = self._skip_done(iterable)
         start = time.perf_counter()
         if sys.stdout.isatty():
-            yield from self._rich_progress(iterable, total, desc, start)
+            yield from self._rich_progress(iterable, total, desc, start, done)
         else:
             last_print = start
-            for i, item in enumerate(iterable, 1):
+            for i, item in enumerate(iterable, 1 + done):
                 yield item
+                self._after_step()
                 now = time.perf_counter()
                 if now - last_print >= PLAIN_PROGRESS_EVERY_S or i == total:
                     last_print = now
                     print(f"{desc} {i}/{total} {self._status(now - start)}", flush=True)
         self.samples_per_s = self._samples / max(time.perf_counter() - start, 1e-9)
 
-    def _rich_progress(self, iterable: Iterable[T], total: int, desc: str, start: float) -> Iterator[T]:
+    def _rich_progress(self, iterable: Iterable[T], total: int, desc: str, start: float, done: int) -> Iterator[T]:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.fields[status]}"))
         with Progress(*columns, transient=False) as bar:
-            task = bar.add_task(desc, total=total, status="")
+            task = bar.add_task(desc, total=total, status="", completed=done)
             last_shown = start
             for item in iterable:
                 yield item
+                self._after_step()
                 now = time.perf_counter()
                 status = None
                 if now - last_shown > 0.25:  # reading a CUDA loss forces a sync: do it a few times a second only
@@ -136,9 +289,42 @@ class Run:
                 bar.update(task, advance=1, **({"status": status} if status else {}))
             bar.update(task, status=self._status(time.perf_counter() - start))
 
+    def _skip_done(self, iterable: Iterable[T]) -> Iterator[T]:
+        """A new epoch starts its sums afresh; a resumed one skips the batches it already trained on."""
+        skip, self._skip = self._skip, 0
+        if skip == 0:
+            self._sums, self._counts = {}, {}
+            self.position.batch = 0
+        for i, item in enumerate(iterable):
+            if i >= skip:
+                yield item
+
     def update(self, samples: int, **values: Any) -> None:
+        """After each step: count samples, show `values` in the progress line, sum them for `epoch_mean`.
+        A loss that is NaN or infinite stops the run here, naming the step."""
         self._samples += samples
         self._live = values
+        for key, value in values.items():
+            if value is None:
+                continue
+            self._sums[key] = self._sums.get(key, 0.0) + (value.detach() if hasattr(value, "detach") else value)
+            self._counts[key] = self._counts.get(key, 0) + 1
+            if "loss" in key and not math.isfinite(float(_plain(value))):
+                self._diverged(key, float(_plain(value)))
+
+    def epoch_mean(self, key: str) -> float:
+        """Mean of `key` over this epoch's updates (summed on the device, read once here)."""
+        return float(_plain(self._sums[key])) / max(self._counts.get(key, 0), 1)
+
+    def _diverged(self, key: str, value: float) -> None:
+        good = latest_checkpoint(self.dir)
+        lr = getattr(self.config, "lr", None)
+        self._write_curves()
+        self.close()
+        raise TrainingDiverged(
+            f"{key} became {value} at step {self.position.step + 1} (epoch {self.position.epoch}); training stopped. "
+            + (f"Last good checkpoint: {good}. " if good else "No checkpoint was written before it. ")
+            + (f"Try a lower learning rate than --lr {lr}." if lr is not None else "Try a lower learning rate."))
 
     def _status(self, elapsed: float) -> str:
         parts = [f"{k} {_plain(v):.4f}" for k, v in self._live.items()]
@@ -156,10 +342,7 @@ class Run:
         summary = {"recipe": self.recipe, "metrics": metrics, "target": self.target, "target_met": met,
                    "wall_time_s": round(wall, 2), "device": self.device}
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        if self.history:
-            from dlnotes.plots import plot_curves
-
-            plot_curves(self.history, self.dir / "curves.png", title=self.recipe)
+        self._write_curves()
         self.close()
         print(f"\n{self.recipe} finished in {wall:.1f} s on {self.device}")
         for key, value in metrics.items():
@@ -170,11 +353,36 @@ class Run:
         print(f"  run directory    {self.dir}")
         return metrics
 
+    def _write_curves(self) -> None:
+        if self.history:
+            from dlnotes.plots import plot_curves
+
+            plot_curves(self.history, self.dir / "curves.png", title=self.recipe)
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
         self._metrics.close()
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((run_dir / "checkpoints").glob("last-*.pt"))
+    return found[-1] if found else None
+
+
+def read_run_config(run_dir: Path, recipe: str) -> dict[str, Any]:
+    """config.json of a run directory, checked to belong to `recipe`."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.json).")
+    saved = json.loads(path.read_text())
+    if saved["meta"]["recipe"] != recipe:
+        raise UserError(f"{run_dir} is a run of '{saved['meta']['recipe']}', not '{recipe}'.")
+    return saved
 
 
 def _plain(value: Any) -> Any:

@@ -1,0 +1,146 @@
+"""Training that survives interruption: Ctrl-C, resume, periodic checkpoints, divergence, unsafe files."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dlnotes.cli import app
+from dlnotes.tracking import latest_run, new_run_dir
+
+DLNOTES = str(Path(sys.executable).with_name("dlnotes"))
+MLP_FLAGS = ["--epochs", "4", "--limit-batches", "100", "--device", "cpu", "--batch-size", "32"]
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
+
+
+def start_and_interrupt(out: Path, signals: int = 1) -> tuple[subprocess.CompletedProcess, Path]:
+    """Start a real mlp run, wait until its first epoch is checkpointed, then send SIGINT at a random moment
+    of the epochs after it."""
+    process = subprocess.Popen([DLNOTES, "run", "mlp", *MLP_FLAGS, "--out", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(out.glob("mlp/*/checkpoints/last-*.pt")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    time.sleep(random.uniform(0.0, 0.3))
+    for _ in range(signals):
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.01)
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), latest_run(out, "mlp")
+
+
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path: Path) -> None:
+    straight = subprocess.run([DLNOTES, "run", "mlp", *MLP_FLAGS, "--out", str(tmp_path / "a")],
+                              capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr
+    reference = latest_run(tmp_path / "a", "mlp")
+
+    stopped, run_dir = start_and_interrupt(tmp_path / "b")
+    assert stopped.returncode == 130, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert f"dlnotes run mlp --resume {run_dir}" in stopped.stderr
+    assert list((run_dir / "checkpoints").glob("last-*.pt"))
+    assert not (run_dir / "checkpoint.pt").exists()  # the final model is written only when training ends
+
+    resumed = subprocess.run([DLNOTES, "run", "mlp", "--resume", str(run_dir)], capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    assert rows(run_dir) == rows(reference)  # every epoch's losses and accuracy, exactly
+    for name, tensor in weights(reference).items():
+        torch.testing.assert_close(weights(run_dir)[name], tensor)
+    assert json.loads((run_dir / "config.json").read_text())["resumed"]
+
+
+def test_second_ctrl_c_exits_at_once_without_corrupt_files(tmp_path: Path) -> None:
+    stopped, run_dir = start_and_interrupt(tmp_path, signals=2)
+    assert stopped.returncode == 130
+    assert "Traceback" not in stopped.stderr
+    assert not list(run_dir.rglob("*.tmp"))
+    for path in (run_dir / "checkpoints").glob("*.pt") if (run_dir / "checkpoints").is_dir() else []:
+        torch.load(path, weights_only=True)  # whatever was written is whole
+
+
+def test_resume_may_extend_epochs_and_records_it(smoke_run, out_dir: Path) -> None:
+    runner = CliRunner()
+    first = runner.invoke(app, ["run", "mlp", "--epochs", "1", "--limit-batches", "5", "--device", "cpu",
+                                "--out", str(out_dir)])
+    assert first.exit_code == 0, first.output
+    run_dir = latest_run(out_dir, "mlp")
+    more = runner.invoke(app, ["run", "mlp", "--resume", str(run_dir), "--epochs", "2"])
+    assert more.exit_code == 0, more.output
+    assert [r["epoch"] for r in rows(run_dir)] == [1, 2]
+    assert json.loads((run_dir / "config.json").read_text())["resumed"][0]["changed"]["epochs"] == [1, 2]
+
+
+def test_periodic_checkpoints_keep_the_newest_k_and_the_best(out_dir: Path) -> None:
+    result = CliRunner().invoke(app, ["run", "mlp", "--epochs", "2", "--limit-batches", "5", "--device", "cpu",
+                                      "--save-every", "2", "--keep", "2", "--out", str(out_dir)])
+    assert result.exit_code == 0, result.output
+    folder = latest_run(out_dir, "mlp") / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "last-00000008.pt", "last-00000010.pt"]
+    best = torch.load(folder / "best.pt", weights_only=True)
+    assert best["best"] == max(r["test_acc"] for r in rows(folder.parent))
+
+
+def test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(out_dir: Path) -> None:
+    result = CliRunner().invoke(app, ["run", "mlp", "--lr", "1e12", "--save-every", "1", "--device", "cpu",
+                                      "--out", str(out_dir)])
+    assert result.exit_code == 3, result.output
+    message = result.output.strip().splitlines()[-1]
+    assert message.startswith("error: loss became") and "at step" in message
+    assert "Last good checkpoint" in message and "lower learning rate" in message
+    good = Path(message.split("Last good checkpoint: ")[1].split(". Try")[0])
+    state = torch.load(good, weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["run", "cnn-mnist", "--resume", "{run}"], "is a run of 'mlp', not 'cnn-mnist'"),
+    (["run", "mlp", "--resume", "{run}", "--hidden", "32"], "--hidden cannot change"),
+    (["run", "mlp", "--resume", "{empty}"], "not a run directory"),
+])
+def test_resume_errors(args: list[str], fragment: str, out_dir: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    runner.invoke(app, ["run", "mlp", "--smoke", "--device", "cpu", "--out", str(out_dir)])
+    run_dir = latest_run(out_dir, "mlp")
+    result = runner.invoke(app, [a.format(run=run_dir, empty=tmp_path) for a in args])
+    assert result.exit_code == 2 and fragment in result.output, result.output
+
+
+def test_checkpoint_of_another_model_version_is_a_clear_error(out_dir: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    runner.invoke(app, ["run", "mlp", "--smoke", "--device", "cpu", "--out", str(out_dir)])
+    run_dir = latest_run(out_dir, "mlp")
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    state["config"]["hidden"] = 32  # as if an older version of the recipe had a narrower layer
+    torch.save(state, run_dir / "checkpoint.pt")
+    image = tmp_path / "blank.png"
+    from PIL import Image
+
+    Image.new("L", (28, 28)).save(image)
+    result = runner.invoke(app, ["predict", "mlp", "--run", str(run_dir), str(image)])
+    assert result.exit_code == 2 and "does not fit this model" in result.output, result.output
+
+
+def test_a_new_run_never_reuses_a_directory(tmp_path: Path) -> None:
+    first, second = new_run_dir(tmp_path, "mlp"), new_run_dir(tmp_path, "mlp")
+    assert first != second and first.is_dir() and second.is_dir()
+
+
