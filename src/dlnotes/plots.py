@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,7 +23,7 @@ def _pyplot() -> Any:
 
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> None:
     """One panel per metric name: losses in one panel, every other metric in its own."""
-    plt = _pyplot()
+    plt = pyplot()
     x_key = "step" if any("step" in row for row in history) else "epoch"
     names = sorted({k for row in history for k, v in row.items()
                     if k not in ("epoch", "step") and isinstance(v, (int, float))})
@@ -52,7 +53,7 @@ def plot_image_grid(images: np.ndarray, true: np.ndarray, predicted: np.ndarray,
                     path: Path, count: int = 32, columns: int = 8) -> None:
     """Held-out images titled `predicted (true)`, wrong ones in red: look at what the model does.
     Shows up to half the grid of mistakes, then the first correct ones."""
-    plt = _pyplot()
+    plt = pyplot()
     wrong = np.flatnonzero(true != predicted)[: count // 2]
     right = np.flatnonzero(true == predicted)[: count - len(wrong)]
     chosen = np.concatenate([wrong, right])
@@ -73,7 +74,7 @@ def plot_image_grid(images: np.ndarray, true: np.ndarray, predicted: np.ndarray,
 
 def plot_confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path, title: str = "") -> None:
     """Counts of (true class, predicted class), with each row's share: the diagonal is what was right."""
-    plt = _pyplot()
+    plt = pyplot()
     matrix = np.asarray(matrix)
     shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     size = 1.2 + 1.1 * len(classes)
@@ -96,7 +97,7 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path, ti
 def plot_attention(examples: list[tuple[list[str], list[str], np.ndarray]], path: Path, title: str = "") -> None:
     """Attention heat maps, one panel per (source tokens, output tokens, weights (T_out, T_src)) example:
     row t shows where the decoder looked while it wrote output token t."""
-    plt = _pyplot()
+    plt = pyplot()
     if not examples:
         return
     widths = [max(len(src), 4) for src, _, _ in examples]

@@ -258,18 +258,27 @@ class Run:
         done = self._skip
         iterable = self._skip_done(iterable)
         start = time.perf_counter()
-        if sys.stdout.isatty():
-            yield from self._rich_progress(iterable, total, desc, start, done)
-        else:
-            last_print = start
+        try:
+            if sys.stdout.isatty():
+                yield from self._rich_progress(iterable, total, desc, start, done)
+            else:
+                yield from self._plain_progress(iterable, total, desc, start, done)
+        finally:  # also when the loop breaks early (e.g. dqn stops once solved)
+            self.samples_per_s = self._samples / max(time.perf_counter() - start, 1e-9)
+
+    def _plain_progress(self, iterable: Iterable[T], total: int, desc: str, start: float, done: int) -> Iterator[T]:
+        last_print, shown, i = start, done, done
+        try:
             for i, item in enumerate(iterable, 1 + done):
                 yield item
                 self._after_step()
                 now = time.perf_counter()
                 if now - last_print >= PLAIN_PROGRESS_EVERY_S or i == total:
-                    last_print = now
+                    last_print, shown = now, i
                     print(f"{desc} {i}/{total} {self._status(now - start)}", flush=True)
-        self.samples_per_s = self._samples / max(time.perf_counter() - start, 1e-9)
+        finally:
+            if shown != i:
+                print(f"{desc} {i}/{total} {self._status(time.perf_counter() - start)}", flush=True)
 
     def _rich_progress(self, iterable: Iterable[T], total: int, desc: str, start: float, done: int) -> Iterator[T]:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
