@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dlnotes.catalog import recipe_id
-from dlnotes.checkpoint import load_checkpoint, restore_config, save_checkpoint
+from dlnotes.checkpoint import load_checkpoint, load_weights, restore_config, save_checkpoint
 from dlnotes.device import pick_device, seed_everything
 from dlnotes.errors import UserError
 from dlnotes.flags import require_positive
@@ -126,6 +126,16 @@ class ReplayBuffer:
         self.actions[i], self.rewards[i], self.terminated[i] = action, reward, float(terminated)
         self.pos = (i + 1) % self.capacity  # when full, overwrite the oldest transition
         self.size = min(self.size + 1, self.capacity)
+
+    def state_dict(self) -> dict:
+        names = ("obs", "next_obs", "actions", "rewards", "terminated")
+        return {name: getattr(self, name)[: self.size].cpu() for name in names} | {"pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in ("obs", "next_obs", "actions", "rewards", "terminated"):
+            self.size = len(state[name])
+            getattr(self, name)[: self.size] = state[name]
+        self.pos = state["pos"]
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, ...]:
         idx = torch.randint(self.size, (batch_size,), device=self.obs.device)  # (B,) with replacement
@@ -213,8 +223,24 @@ def train(cfg: Config, device: torch.device) -> dict[str, float]:
     buffer = ReplayBuffer(cfg.buffer_size, obs_dim, device)
     rng = np.random.default_rng(cfg.seed)  # exploration's coin flips and random actions
 
-    obs, _ = env.reset(seed=cfg.seed)
-    episode_return, recent, avg_return, solved = 0.0, collections.deque(maxlen=100), 0.0, False
+    recent: collections.deque[float] = collections.deque(maxlen=100)  # returns of the last 100 episodes
+
+    def resumable() -> dict:
+        """What a checkpoint keeps beyond q and Adam. The replay buffer is saved, not rebuilt: it is the agent's
+        memory (about 2 MB for CartPole), and refilling it with the current policy would change what is learned."""
+        return {"q_target": q_target.state_dict(), "buffer": buffer.state_dict(), "rng": rng.bit_generator.state,
+                "recent": list(recent)}
+
+    start = run.attach(q, optimizer, extra=resumable)  # Ctrl-C saves; --resume restores here
+    if run.restored_extra:
+        q_target.load_state_dict(run.restored_extra["q_target"])
+        buffer.load_state_dict(run.restored_extra["buffer"])
+        rng.bit_generator.state = run.restored_extra["rng"]
+        recent.extend(run.restored_extra["recent"])
+    # A resumed run starts a fresh episode: the interrupted one's simulator state is not saved.
+    obs, _ = env.reset(seed=cfg.seed + start.step)
+    episode_return, solved, step = 0.0, False, start.step
+    avg_return = float(np.mean(recent)) if recent else 0.0
     loss, loss_sum, loss_count = torch.zeros((), device=device), torch.zeros((), device=device), 0
     for step in run.progress(range(1, cfg.total_steps + 1), total=cfg.total_steps, desc=cfg.env):
         # act ε-greedily and store the transition
@@ -254,6 +280,7 @@ def train(cfg: Config, device: torch.device) -> dict[str, float]:
                 solved = bool(returns.mean() >= threshold)
             run.log(step=step, eval_return=returns.mean(), eval_std=returns.std(),
                     loss=(loss_sum / max(loss_count, 1)).item())
+            run.save_checkpoints(eval_return=returns.mean())  # last-<step>.pt, and best.pt by eval_return
             loss_sum, loss_count = torch.zeros((), device=device), 0
             if solved:
                 print(f"solved after {step:,} environment steps: {returns.mean():.1f} ± {returns.std():.1f} "
@@ -283,7 +310,7 @@ def predict(run_dir: str | Path, inputs: list[str], episodes: int = 10, gif: str
     if episodes <= 0:
         raise UserError(f"--episodes must be positive, got {episodes}.")
     q = QNetwork(state["obs_dim"], state["n_actions"], cfg.hidden)
-    q.load_state_dict(state["model"])
+    load_weights(q, state)
     device = torch.device("cpu")  # one small MLP: the CPU is fastest
     results = []
     for env_id in inputs or [cfg.env]:

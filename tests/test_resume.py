@@ -144,3 +144,18 @@ def test_a_new_run_never_reuses_a_directory(tmp_path: Path) -> None:
     assert first != second and first.is_dir() and second.is_dir()
 
 
+
+
+def test_dqn_resumes_with_its_replay_buffer_and_a_larger_step_budget(out_dir: Path) -> None:
+    runner = CliRunner()
+    first = runner.invoke(app, ["run", "dqn", "--smoke", "--device", "cpu", "--out", str(out_dir)])
+    assert first.exit_code == 0, first.output
+    run_dir = latest_run(out_dir, "dqn")
+    saved = torch.load(sorted((run_dir / "checkpoints").glob("last-*.pt"))[-1], weights_only=True)
+    assert saved["position"]["step"] == 300 and len(saved["extra"]["buffer"]["obs"]) == 300
+    more = runner.invoke(app, ["run", "dqn", "--resume", str(run_dir), "--total-steps", "450"])
+    assert more.exit_code == 0, more.output
+    assert "resuming" in more.output and json.loads((run_dir / "summary.json").read_text())["metrics"][
+        "env_steps"] == 450
+    evaluations = [r["step"] for r in rows(run_dir) if "eval_return" in r]
+    assert evaluations == [150, 300, 450]

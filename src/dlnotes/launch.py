@@ -49,7 +49,10 @@ def execute(info: RecipeInfo, args: list[str], prog: str, module: ModuleType | N
             values = resume_values(info, values, options)
         module = module or load_module(info)
         use_options(options)
-        module.main(build_config(module, values))
+        try:
+            module.main(build_config(module, values))
+        finally:
+            use_options(RunOptions())  # the options belong to this launch only
         return 0
     except TrainingInterrupted as stop:
         print(str(stop), file=sys.stderr)

@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -38,7 +38,7 @@ from dlnotes.flags import RunOptions
 
 T = TypeVar("T")
 PLAIN_PROGRESS_EVERY_S = 10.0  # without a terminal, one progress line this often keeps CI logs readable
-RESUMABLE_CHANGES = ("epochs", "device", "out")  # flags a resumed run may change; the rest must match
+RESUMABLE_CHANGES = ("epochs", "total_steps", "device", "out")  # a resumed run may change these; not the rest
 
 _launch_options = RunOptions()
 
@@ -110,8 +110,10 @@ class Run:
         self._best: float | None = None
         self._attached: dict[str, Any] = {}
         self._stop_requested = False
+        self._in_step = False
         self._previous_handler: Any = None
         self._resume_state: dict[str, Any] | None = None
+        self.restored_extra: dict[str, Any] | None = None
         meta = {"recipe": self.recipe, "device": self.device, "dlnotes": __version__,
                 "python": platform.python_version(), "torch": _torch_version()}
         if self.options.resume:
@@ -142,12 +144,15 @@ class Run:
 
     # --- resumable training ----------------------------------------------------------------------------------
 
-    def attach(self, model: Any, optimizer: Any = None, scheduler: Any = None, generator: Any = None) -> Position:
-        """Make training resumable: Ctrl-C and periodic checkpoints save these objects' states. When the run
-        is a resume, their states are restored here. Returns the Position to start from."""
+    def attach(self, model: Any, optimizer: Any = None, scheduler: Any = None, generator: Any = None,
+               extra: Callable[[], dict[str, Any]] | None = None) -> Position:
+        """Make training resumable: Ctrl-C and periodic checkpoints save these objects' states (and whatever
+        `extra()` returns). When the run is a resume, their states are restored here and `extra()`'s saved
+        dict is in `run.restored_extra`. Returns the Position to start from."""
         from dlnotes.checkpoint import load_weights, restore_rng
 
-        self._attached = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "generator": generator}
+        self._attached = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "generator": generator,
+                          "extra": extra}
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
         state = self._resume_state
@@ -165,6 +170,7 @@ class Run:
         self.position = Position(**state["position"])
         self._sums, self._counts = state["sums"], state["counts"]
         self._skip, self._best = self.position.batch, state["best"]
+        self.restored_extra = state["extra"]
         print(f"resuming {self.dir} at step {self.position.step} "
               f"(epoch {self.position.epoch}, batch {self.position.batch})", flush=True)
         return self.position
@@ -178,6 +184,7 @@ class Run:
               file=sys.stderr, flush=True)
 
     def _after_step(self) -> None:
+        self._in_step = False
         self.position.batch += 1
         self.position.step += 1
         if not self._attached:
@@ -205,20 +212,32 @@ class Run:
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": capture_rng(generator), "position": asdict(self.position),
+            "rng": capture_rng(generator), "position": asdict(self._position_to_resume()),
             "sums": {k: v.detach().cpu() if hasattr(v, "detach") else v for k, v in self._sums.items()},
             "counts": dict(self._counts), "best": self._best, "metrics_rows": len(self.history),
+            "extra": self._attached["extra"]() if self._attached["extra"] else None,
         }
-        path = atomic_save(state, folder / (name or f"last-{self.position.step:08d}.pt"))
+        step = state["position"]["step"]
+        path = atomic_save(state, folder / (name or f"last-{step:08d}.pt"))
         if not name:
             for old in sorted(folder.glob("last-*.pt"))[: -max(self.options.keep, 1)]:
                 old.unlink()
         return path
 
+    def _position_to_resume(self) -> Position:
+        """Saved from inside a step's body (e.g. after an evaluation at step N), the step counts as done."""
+        if not self._in_step:
+            return self.position
+        return Position(self.position.epoch, self.position.batch + 1, self.position.step + 1)
+
     def end_epoch(self, epoch: int, **metrics: Any) -> None:
         """Log the epoch's metrics, checkpoint the run, and keep checkpoints/best.pt by the target metric."""
         self.log(epoch=epoch, **metrics)
         self.position = Position(epoch=epoch + 1, batch=0, step=self.position.step)
+        self.save_checkpoints(**metrics)
+
+    def save_checkpoints(self, **metrics: Any) -> None:
+        """checkpoints/last-<step>.pt now, and checkpoints/best.pt when the target metric in `metrics` improved."""
         if not self._attached:
             return
         self.save_state()
@@ -306,6 +325,7 @@ class Run:
             self.position.batch = 0
         for i, item in enumerate(iterable):
             if i >= skip:
+                self._in_step = True
                 yield item
 
     def update(self, samples: int, **values: Any) -> None:
