@@ -167,18 +167,28 @@ def main(cfg: Config) -> dict[str, float]:
     print(f"model: {resolve_model(cfg.model)}  trainable parameters: {trainable:,}  device: {device}  run: {run.dir}")
 
     class ForwardLogs(TrainerCallback):
-        """Every Trainer log (train loss, learning rate, validation accuracy) becomes a row of metrics.jsonl."""
+        """Every Trainer log (train loss, learning rate, validation accuracy) becomes a row of metrics.jsonl;
+        Ctrl-C makes the Trainer save a checkpoint (its own format: optimizer, scheduler, RNG) and stop."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             row = {LOG_NAMES[k]: v for k, v in (logs or {}).items() if k in LOG_NAMES}
             if len(row) > 1:  # more than the epoch: the end-of-training summary has none of these
                 run.log(step=state.global_step, **row)
                 print(f"step {state.global_step}: " + "  ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
+            if "loss" in (logs or {}):
+                run.update(0, loss=logs["loss"])  # a NaN or infinite loss stops the run here
+
+        def on_step_end(self, args, state, control, **kwargs):
+            run.position.step = state.global_step
+            if run.stop_requested:
+                control.should_save = control.should_training_stop = True
+
+    run.watch_interrupts()
 
     cuda = device.type == "cuda"
     steps = cfg.epochs * -(-len(data["train"]) // cfg.batch_size)  # ceil: the last batch may be short
     args = TrainingArguments(
-        output_dir=str(run.dir / "model"),
+        output_dir=str(run.dir / "checkpoints"),  # the Trainer's checkpoints, for --resume
         num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=128,  # no gradients when evaluating: bigger batches fit
@@ -189,7 +199,9 @@ def main(cfg: Config) -> dict[str, float]:
         train_sampling_strategy="group_by_length",
         eval_strategy="epoch",  # validation accuracy after every epoch
         logging_steps=max(1, min(50, steps // 10)),  # every 50 steps, or 10 points on the curve of a short run
-        save_strategy="no",  # the final model is saved below, with its tokenizer, in one place
+        save_strategy="steps" if run.options.save_every else "epoch",  # --save-every N steps, else every epoch
+        save_steps=run.options.save_every or 500,
+        save_total_limit=run.options.keep,
         use_cpu=device.type == "cpu",
         bf16=cuda and torch.cuda.is_bf16_supported(),  # mixed precision: tensor cores, half the activation memory
         fp16=cuda and not torch.cuda.is_bf16_supported(),
@@ -201,7 +213,9 @@ def main(cfg: Config) -> dict[str, float]:
                       processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
                       compute_metrics=accuracy, callbacks=[ForwardLogs()])
     trainer.remove_callback(PrinterCallback)  # it would print each log dict a second time
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(run.trainer_checkpoint) if run.trainer_checkpoint else None)
+    if run.stop_requested:
+        raise run.interrupted(max((run.dir / "checkpoints").glob("checkpoint-*"), key=lambda p: p.stat().st_mtime))
 
     test = trainer.evaluate(data["test"], metric_key_prefix="test")
     model.save_pretrained(run.dir / "model")  # model.safetensors + config.json (with the label names)

@@ -114,6 +114,7 @@ class Run:
         self._previous_handler: Any = None
         self._resume_state: dict[str, Any] | None = None
         self.restored_extra: dict[str, Any] | None = None
+        self.trainer_checkpoint: Path | None = None  # set when resuming a Hugging Face Trainer's checkpoint
         meta = {"recipe": self.recipe, "device": self.device, "dlnotes": __version__,
                 "python": platform.python_version(), "torch": _torch_version()}
         if self.options.resume:
@@ -129,12 +130,22 @@ class Run:
 
         saved = read_run_config(self.dir, self.recipe)
         newest = latest_checkpoint(self.dir)
-        if newest is None:
+        trainer_checkpoints = sorted((self.dir / "checkpoints").glob("checkpoint-*"),
+                                     key=lambda p: int(p.name.split("-")[1]))
+        if newest is None and trainer_checkpoints:  # Hugging Face Trainer's own format (bert-finetune)
+            self.trainer_checkpoint = trainer_checkpoints[-1]
+            step = int(self.trainer_checkpoint.name.split("-")[1])
+            rows = [line for line in (self.dir / "metrics.jsonl").read_text().splitlines()
+                    if json.loads(line).get("step", 0) <= step]
+            self._resume_state = {"metrics_rows": len(rows)}
+        elif newest is None:
             raise UserError(f"{self.dir} has no checkpoint to resume from (checkpoints/last-*.pt).")
-        self._resume_state = load_state_file(newest, self.recipe)
+        else:
+            self._resume_state = load_state_file(newest, self.recipe)
         changed = {k: [saved["config"].get(k), v] for k, v in asdict(self.config).items()
                    if saved["config"].get(k) != v}
-        saved.setdefault("resumed", []).append({"from": newest.name, "changed": changed, "meta": meta})
+        source = newest.name if newest is not None else self.trainer_checkpoint.name
+        saved.setdefault("resumed", []).append({"from": source, "changed": changed, "meta": meta})
         saved["config"] = asdict(self.config)
         (self.dir / "config.json").write_text(json.dumps(saved, indent=2))
         # Rows logged after the checkpoint was written will be logged again: keep only the ones before it.
@@ -153,8 +164,7 @@ class Run:
 
         self._attached = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "generator": generator,
                           "extra": extra}
-        if threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        self.watch_interrupts()
         state = self._resume_state
         if state is None:
             return self.position
@@ -175,6 +185,22 @@ class Run:
               f"(epoch {self.position.epoch}, batch {self.position.batch})", flush=True)
         return self.position
 
+    def watch_interrupts(self) -> None:
+        """For loops that checkpoint themselves (the Hugging Face Trainer): Ctrl-C only sets `stop_requested`."""
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested
+
+    def interrupted(self, checkpoint: Path) -> TrainingInterrupted:
+        """The error that ends an interrupted run, saying how to resume it."""
+        self._write_curves()
+        self.close()
+        return TrainingInterrupted(f"Interrupted at step {self.position.step}; saved {checkpoint}. "
+                                   f"Resume with: dlnotes run {self.recipe} --resume {self.dir}")
+
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self._stop_requested:  # the second Ctrl-C: stop now; checkpoints on disk are whole (atomic renames)
             signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -190,12 +216,7 @@ class Run:
         if not self._attached:
             return
         if self._stop_requested:
-            path = self.save_state()
-            self._write_curves()
-            self.close()
-            raise TrainingInterrupted(
-                f"Interrupted at step {self.position.step}; saved {path}. "
-                f"Resume with: dlnotes run {self.recipe} --resume {self.dir}")
+            raise self.interrupted(self.save_state())
         if self.options.save_every and self.position.step % self.options.save_every == 0:
             self.save_state()
 
