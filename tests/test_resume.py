@@ -163,8 +163,8 @@ def test_dqn_resumes_with_its_replay_buffer_and_a_larger_step_budget(out_dir: Pa
 
 def test_bert_resumes_through_the_trainers_own_checkpoints(out_dir: Path) -> None:
     runner = CliRunner()
-    first = runner.invoke(app, ["run", "bert-finetune", "--smoke", "--save-every", "4", "--device", "cpu",
-                                "--out", str(out_dir)])
+    first = runner.invoke(app, ["run", "bert-finetune", "--smoke", "--save-every", "4", "--keep", "2",
+                                "--device", "cpu", "--out", str(out_dir)])
     assert first.exit_code == 0, first.output
     run_dir = latest_run(out_dir, "bert-finetune")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-8"]
@@ -173,3 +173,13 @@ def test_bert_resumes_through_the_trainers_own_checkpoints(out_dir: Path) -> Non
     steps = [r["step"] for r in rows(run_dir) if "train_loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 16  # continued from step 8, nothing logged twice
     assert json.loads((run_dir / "config.json").read_text())["resumed"][0]["from"] == "checkpoint-8"
+
+
+def test_seq2seq_resumes_and_trains_on(out_dir: Path) -> None:
+    runner = CliRunner()
+    first = runner.invoke(app, ["run", "seq2seq", "--smoke", "--epochs", "5", "--device", "cpu", "--out", str(out_dir)])
+    assert first.exit_code == 0, first.output
+    run_dir = latest_run(out_dir, "seq2seq")
+    more = runner.invoke(app, ["run", "seq2seq", "--resume", str(run_dir), "--epochs", "8"])
+    assert more.exit_code == 0, more.output
+    assert [r["epoch"] for r in rows(run_dir)] == list(range(1, 9))

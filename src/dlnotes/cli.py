@@ -22,7 +22,7 @@ from rich.table import Table
 from dlnotes import catalog
 from dlnotes.errors import UserError
 from dlnotes.flags import parse_predict_args
-from dlnotes.launch import build_config, execute, print_error
+from dlnotes.launch import build_config, execute, print_error, quiet_idle_threads
 
 app = typer.Typer(
     help="dlnotes: a runnable deep-learning cookbook. Start with `dlnotes list`.",
@@ -228,4 +228,5 @@ def serve(
 
 
 def main() -> None:
+    quiet_idle_threads()
     app()

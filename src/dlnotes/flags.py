@@ -24,7 +24,7 @@ class RunOptions:
     smoke: bool = False
     resume: str = ""  # a run directory to continue
     save_every: int = 0  # also checkpoint every N optimizer steps (every epoch end always checkpoints)
-    keep: int = 3  # how many of the newest step checkpoints to keep
+    keep: int = 1  # how many of the newest step checkpoints to keep (fasttext's are 190 MB each)
 
     explicit: frozenset[str] = frozenset()  # the Config fields given on the command line
 
@@ -58,7 +58,7 @@ def build_command(info: RecipeInfo, prog: str) -> click.Command:
     params.append(click.Option(["--resume"], default="", metavar="RUN_DIR", help=RUN_OPTION_HELP["resume"]))
     params.append(click.Option(["--save-every"], type=click.IntRange(min=0), default=0, show_default=True,
                                help=RUN_OPTION_HELP["save_every"]))
-    params.append(click.Option(["--keep"], type=click.IntRange(min=1), default=3, show_default=True,
+    params.append(click.Option(["--keep"], type=click.IntRange(min=1), default=1, show_default=True,
                                help=RUN_OPTION_HELP["keep"]))
     return click.Command(prog, params=params, help=f"{info.title}\n\nFlags come from the recipe's Config.",
                          callback=lambda **values: values)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,13 @@ from dlnotes.catalog import RecipeInfo, load_module, read_recipe
 from dlnotes.errors import TrainingInterrupted, UserError
 from dlnotes.flags import RunOptions, parse_args
 from dlnotes.tracking import RESUMABLE_CHANGES, read_run_config, use_options
+
+
+def quiet_idle_threads() -> None:
+    """Idle OpenMP threads sleep instead of spinning (set before torch is imported). On a 2-core machine
+    with anything else running, spinning threads steal their partner's core: seq2seq trained at 979 instead
+    of 2,043 tokens/s, a tiny BERT step took 2 s instead of 60 ms. An explicit setting wins."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def print_error(message: str) -> None:

@@ -1,0 +1,195 @@
+"""seq2seq: packing, parallel teacher forcing, decoding, BLEU, the toy pairs learned exactly, bad inputs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dlnotes import catalog
+from dlnotes.checkpoint import save_checkpoint
+from dlnotes.cli import app
+from dlnotes.errors import UserError
+from dlnotes.text import Vocab
+from dlnotes.tracking import latest_run
+
+
+@pytest.fixture(scope="module")
+def seq2seq():
+    return catalog.load_module(catalog.get("seq2seq"))
+
+
+@pytest.fixture(scope="module")
+def toy_run(seq2seq, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, float], Path]:
+    """The SMOKE run: the notes' toy pairs, a small model, a few seconds."""
+    out = tmp_path_factory.mktemp("runs")
+    info = catalog.get("seq2seq")
+    values = {f.name: f.default for f in info.fields} | info.smoke | {"device": "cpu", "out": str(out)}
+    return seq2seq.main(seq2seq.Config(**values)), latest_run(out, "seq2seq")
+
+
+def tiny_model(seq2seq, vocab: int = 20) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return seq2seq.Seq2Seq(vocab, vocab, hidden=16, dropout=0.0).eval()
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+# --- data and model pieces --------------------------------------------------------------------------------
+
+
+def test_source_is_lower_cased_and_target_keeps_its_case(seq2seq) -> None:
+    assert seq2seq.source_tokens("In the beginning, God created.") == ["in", "the", "beginning", ",", "god",
+                                                                        "created", "."]
+    assert seq2seq.target_tokens("EN el principio crió Dios.") == ["EN", "el", "principio", "crió", "Dios", "."]
+
+
+def test_length_batches_cover_every_pair_once_with_similar_lengths(seq2seq) -> None:
+    data = [(torch.zeros(n), torch.zeros(1)) for n in [5, 1, 9, 3, 7, 2, 8, 4, 6, 10]]
+    batches = seq2seq.length_batches(data, 3, torch.Generator().manual_seed(0))
+    assert sorted(i for b in batches for i in b) == list(range(10))
+    assert all(max(len(data[i][0]) for i in b) - min(len(data[i][0]) for i in b) <= 2 for b in batches)
+
+
+def test_collate_shifts_the_target_by_one(seq2seq) -> None:
+    data = [(torch.tensor([5, 6, 7]), torch.tensor([8, 9])), (torch.tensor([5]), torch.tensor([10, 11, 12]))]
+    source, lengths, decoder_in, target = seq2seq.collate(data, [0, 1], torch.device("cpu"))
+    bos, eos, pad = seq2seq.BOS_ID, seq2seq.EOS_ID, seq2seq.PAD_ID
+    assert source.tolist() == [[5, 6, 7], [5, pad, pad]] and lengths.tolist() == [3, 1]
+    assert decoder_in.tolist() == [[bos, 8, 9, pad], [bos, 10, 11, 12]]
+    assert target.tolist() == [[8, 9, eos, pad], [10, 11, 12, eos]]
+
+
+def test_packed_encoder_ignores_padding(seq2seq) -> None:
+    model = tiny_model(seq2seq)
+    alone, _, (h1, _) = model.encode(torch.tensor([[5, 6]]), torch.tensor([2]))
+    padded, mask, (h2, _) = model.encode(torch.tensor([[5, 6, 0, 0], [7, 8, 9, 10]]), torch.tensor([2, 4]))
+    assert torch.allclose(alone[0], padded[0, :2], atol=1e-6)  # the backward direction starts at the true end
+    assert torch.allclose(h1[:, 0], h2[:, 0], atol=1e-6)
+    assert mask.tolist() == [[True, True, False, False], [True] * 4]
+
+
+def test_teacher_forcing_in_parallel_equals_step_by_step(seq2seq) -> None:
+    model = tiny_model(seq2seq)
+    memory, mask, state = model.encode(torch.tensor([[5, 6, 7]]), torch.tensor([3]))
+    decoder_in = torch.tensor([[seq2seq.BOS_ID, 8, 9, 10]])
+    parallel, _, attention = model.decode(decoder_in, state, memory, mask)  # (1, 4, V), (1, 4, 3)
+    steps = []
+    for t in range(decoder_in.size(1)):
+        logits, state, _ = model.decode(decoder_in[:, t : t + 1], state, memory, mask)
+        steps.append(logits)
+    assert torch.allclose(parallel, torch.cat(steps, dim=1), atol=1e-5)
+    assert torch.allclose(attention.sum(-1), torch.ones(1, 4))
+
+
+def test_beam_of_one_is_greedy(seq2seq) -> None:
+    model = tiny_model(seq2seq)
+    source, lengths = torch.tensor([[5, 6, 7], [8, 9, 0]]), torch.tensor([3, 2])
+    greedy_ids, _ = seq2seq.greedy(model, source, lengths, max_steps=6)
+    beam_ids, _ = seq2seq.beam_search(model, source, lengths, max_steps=6, beam=1)
+    for g, b in zip(greedy_ids.tolist(), beam_ids.tolist()):
+        cut = lambda ids: ids[: ids.index(seq2seq.EOS_ID)] if seq2seq.EOS_ID in ids else ids  # noqa: E731
+        assert cut(g) == cut(b)
+
+
+def test_unknown_names_are_copied_from_the_attended_source_word(seq2seq) -> None:
+    spanish = Vocab(list(seq2seq.SPECIALS) + ["dijo"])
+    unk, eos = seq2seq.UNK_ID, seq2seq.EOS_ID
+    ids = [spanish["dijo"], unk, unk, unk, eos, spanish["dijo"]]
+    words = ["Yes", "Zecher", "wept"]  # capitalised as the first word, a name, a lower-case word
+    assert seq2seq.to_text(ids, [1, 0, 1, 2, 0, 0], words, spanish) == ["dijo", "Zecher"]
+
+
+def test_bleu_is_sacrebleu_on_a_known_pair(seq2seq) -> None:
+    # 7/8 unigrams, 6/7 bigrams, 5/6 trigrams, 4/5 four-grams match, same length: BLEU = 100 * 0.5 ** 0.25
+    assert seq2seq.bleu([["a", "b", "c", "d", "e", "f", "g", "h"]], ["a b c d e f g x"]) == pytest.approx(
+        100 * 0.5 ** 0.25, abs=0.01)
+    assert seq2seq.bleu([["Sea", "la", "luz", ".", "Y", "fué", "la", "luz", "."]],
+                        ["Sea la luz. Y fué la luz."]) == pytest.approx(100.0)  # detokenized before scoring
+
+
+def test_config_refuses_an_unknown_dataset(seq2seq) -> None:
+    with pytest.raises(UserError, match="bible, toy"):
+        seq2seq.Config(dataset="klingon")
+
+
+# --- the toy pairs are learned exactly --------------------------------------------------------------------
+
+
+def test_toy_run_learns_the_pairs_exactly(seq2seq, toy_run) -> None:
+    metrics, run_dir = toy_run
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert metrics["loop_tokens_per_s"] > 0 and metrics["tokens_per_s"] > 0
+    english = [en for en, _ in seq2seq.TOY_PAIRS]
+    for beam in (1, 5):
+        results = seq2seq.predict(run_dir, english, beam=beam)
+        assert [r["output"] for r in results] == [fr for _, fr in seq2seq.TOY_PAIRS]
+
+
+def test_toy_run_writes_samples_and_attention(toy_run) -> None:
+    _, run_dir = toy_run
+    for name in ("checkpoint.pt", "attention.png", "samples.md", "curves.png", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    samples = (run_dir / "samples.md").read_text(encoding="utf-8")
+    assert "**English:** hello world" in samples and "**Greedy:** bonjour monde" in samples
+
+
+def test_predict_on_the_cli(toy_run) -> None:
+    result = invoke("predict", "seq2seq", "--run", toy_run[1], "hello world", "--beam", "3")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "hello world: bonjour monde"
+
+
+# --- bad input --------------------------------------------------------------------------------------------
+
+
+def test_empty_text_is_one_line_error(toy_run) -> None:
+    assert_one_line_error(invoke("predict", "seq2seq", "--run", toy_run[1], "hello", ""), "Text 2 is empty")
+
+
+def test_text_of_unknown_words_is_one_line_error(toy_run) -> None:
+    assert_one_line_error(invoke("predict", "seq2seq", "--run", toy_run[1], "zyzzyva qwxp"),
+                          "has no word this run knows", "English")
+
+
+def test_overlong_text_is_truncated_with_a_note(toy_run) -> None:
+    result = invoke("predict", "seq2seq", "--run", toy_run[1], "hello " * 60)
+    assert result.exit_code == 0, result.output
+    assert "note: text 1 has 60 tokens; only the first 40 are translated" in result.stderr
+
+
+def test_bad_beam_is_one_line_error(toy_run) -> None:
+    assert_one_line_error(invoke("predict", "seq2seq", "--run", toy_run[1], "hello", "--beam", "0"),
+                          "--beam must be at least 1")
+
+
+def test_wrong_dataset_name_is_one_line_error(out_dir: Path) -> None:
+    assert_one_line_error(invoke("run", "seq2seq", "--dataset", "klingon", "--out", out_dir),
+                          "Unknown --dataset 'klingon'", "bible, toy")
+    assert not list(out_dir.iterdir())
+
+
+@dataclass
+class OtherConfig:
+    epochs: int = 1
+
+
+def test_run_directory_of_another_recipe_is_refused(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, "fasttext", torch.nn.Linear(2, 2), OtherConfig())
+    assert_one_line_error(invoke("predict", "seq2seq", "--run", tmp_path, "hello"),
+                          "is a run of 'fasttext', not 'seq2seq'")
