@@ -92,3 +92,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def assert_one_line_error(result, *fragments: str, code: int = 2) -> None:
+    """A user error as the CLI must report it: exit `code`, no traceback, one `error:` line naming the problem
+    (other output may only be `note:` lines)."""
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith("note:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

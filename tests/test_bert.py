@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 from dlnotes import catalog
@@ -29,13 +30,6 @@ def tiny_run(recipe, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Pa
     metrics = recipe.main(cfg)
     return metrics, latest_run(out, "bert-finetune")
 
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_tiny_run_learns_and_logs_every_epoch(tiny_run) -> None:

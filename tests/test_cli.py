@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 from dlnotes import catalog
@@ -23,14 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
-
-def assert_one_line_error(result, *fragments: str, code: int = 2) -> None:
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 from dlnotes import catalog
@@ -44,14 +45,6 @@ def chinese_run(fasttext, tmp_path_factory: pytest.TempPathFactory) -> tuple[dic
 def invoke(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])
 
-
-def assert_one_line_error(result, exit_code: int, *fragments: str) -> None:
-    assert result.exit_code == exit_code, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    for fragment in fragments:
-        assert fragment in errors[0]
 
 
 # --- tokens and features ----------------------------------------------------------------------------------
@@ -152,18 +145,18 @@ def test_predict_round_trip_chinese_on_the_cli(chinese_run) -> None:
 
 
 def test_empty_text_is_one_line_error(english_run) -> None:
-    assert_one_line_error(invoke("predict", "fasttext", "--run", english_run[1], "fine", "  "), 2,
+    assert_one_line_error(invoke("predict", "fasttext", "--run", english_run[1], "fine", "  "),
                           "Text 2 is empty")
 
 
 def test_no_texts_is_one_line_error(english_run) -> None:
-    assert_one_line_error(invoke("predict", "fasttext", "--run", english_run[1]), 2, "at least one text")
+    assert_one_line_error(invoke("predict", "fasttext", "--run", english_run[1]), "at least one text")
 
 
 def test_text_of_unknown_tokens_names_the_language(english_run, chinese_run) -> None:
-    assert_one_line_error(invoke("predict", "fasttext", "--run", english_run[1], "这个东西真心很赞"), 2,
+    assert_one_line_error(invoke("predict", "fasttext", "--run", english_run[1], "这个东西真心很赞"),
                           "no token this run knows", "English (trained on rotten-tomatoes)")
-    assert_one_line_error(invoke("predict", "fasttext", "--run", chinese_run[1], "a dull film"), 2,
+    assert_one_line_error(invoke("predict", "fasttext", "--run", chinese_run[1], "a dull film"),
                           "reads Chinese")
 
 
@@ -176,7 +169,7 @@ def test_overlong_text_is_truncated_with_a_note(english_run) -> None:
 
 def test_wrong_dataset_name_is_one_line_error(out_dir: Path) -> None:
     result = invoke("run", "fasttext", "--dataset", "imdb", "--out", out_dir)
-    assert_one_line_error(result, 2, "Unknown --dataset 'imdb'", "rotten-tomatoes, chinese-reviews")
+    assert_one_line_error(result, "Unknown --dataset 'imdb'", "rotten-tomatoes, chinese-reviews")
     assert not list(out_dir.iterdir())  # refused before a run directory was made
 
 
@@ -187,9 +180,9 @@ class OtherConfig:
 
 def test_run_directory_of_another_recipe_is_refused(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, "cnn-mnist", torch.nn.Linear(2, 2), OtherConfig())
-    assert_one_line_error(invoke("predict", "fasttext", "--run", tmp_path, "good"), 2,
+    assert_one_line_error(invoke("predict", "fasttext", "--run", tmp_path, "good"),
                           "is a run of 'cnn-mnist', not 'fasttext'")
 
 
 def test_missing_run_directory_is_one_line_error(tmp_path: Path) -> None:
-    assert_one_line_error(invoke("predict", "fasttext", "--run", tmp_path / "nope", "good"), 2, "does not exist")
+    assert_one_line_error(invoke("predict", "fasttext", "--run", tmp_path / "nope", "good"), "does not exist")

@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 from dlnotes import catalog
@@ -27,13 +28,6 @@ def external_url():
 def recipe():
     return catalog.load_module(catalog.get("llm-chat"))
 
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_one_shot_prompt_streams_and_records_the_turn(smoke_run, capsys: pytest.CaptureFixture) -> None:

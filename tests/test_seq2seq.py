@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 from dlnotes import catalog
@@ -40,14 +41,6 @@ def tiny_model(seq2seq, vocab: int = 20) -> torch.nn.Module:
 def invoke(*args: object):
     return CliRunner().invoke(app, [str(a) for a in args])
 
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    for fragment in fragments:
-        assert fragment in errors[0]
 
 
 # --- data and model pieces --------------------------------------------------------------------------------
