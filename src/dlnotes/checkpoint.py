@@ -26,8 +26,12 @@ FORMAT = 1
 
 def save_checkpoint(run_dir: Path, recipe: str, model: torch.nn.Module, config: Any, **extra: Any) -> Path:
     """Write `run_dir/checkpoint.pt` via a temporary file and an atomic rename, so a crash never leaves half a file."""
-    path = Path(run_dir) / CHECKPOINT_NAME
-    state = {
+    return atomic_save(checkpoint_state(recipe, model, config, **extra), Path(run_dir) / CHECKPOINT_NAME)
+
+
+def checkpoint_state(recipe: str, model: torch.nn.Module, config: Any, **extra: Any) -> dict[str, Any]:
+    """What every checkpoint holds (final model or training state): format, recipe, version, config, weights."""
+    return {
         "format": FORMAT,
         "recipe": recipe,
         "dlnotes_version": __version__,
@@ -35,7 +39,6 @@ def save_checkpoint(run_dir: Path, recipe: str, model: torch.nn.Module, config: 
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **extra,
     }
-    return atomic_save(state, path)
 
 
 def atomic_save(state: dict[str, Any], path: Path) -> Path:

@@ -222,22 +222,21 @@ class Run:
 
     def save_state(self, name: str = "") -> Path:
         """Write a full training state to checkpoints/ (last-<step>.pt, keeping the newest --keep)."""
-        from dlnotes.checkpoint import atomic_save, capture_rng
+        from dlnotes.checkpoint import atomic_save, capture_rng, checkpoint_state
 
         folder = self.dir / "checkpoints"
         folder.mkdir(exist_ok=True)
         model, optimizer, scheduler, generator = (self._attached[k] for k in
                                                    ("model", "optimizer", "scheduler", "generator"))
-        state = {
-            "format": 1, "recipe": self.recipe, "dlnotes_version": __version__, "config": asdict(self.config),
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": capture_rng(generator), "position": asdict(self._position_to_resume()),
-            "sums": {k: v.detach().cpu() if hasattr(v, "detach") else v for k, v in self._sums.items()},
-            "counts": dict(self._counts), "best": self._best, "metrics_rows": len(self.history),
-            "extra": self._attached["extra"]() if self._attached["extra"] else None,
-        }
+        state = checkpoint_state(
+            self.recipe, model, self.config,
+            optimizer=optimizer.state_dict() if optimizer is not None else None,
+            scheduler=scheduler.state_dict() if scheduler is not None else None,
+            rng=capture_rng(generator), position=asdict(self._position_to_resume()),
+            sums={k: v.detach().cpu() if hasattr(v, "detach") else v for k, v in self._sums.items()},
+            counts=dict(self._counts), best=self._best, metrics_rows=len(self.history),
+            extra=self._attached["extra"]() if self._attached["extra"] else None,
+        )
         step = state["position"]["step"]
         path = atomic_save(state, folder / (name or f"last-{step:08d}.pt"))
         if not name:
@@ -437,11 +436,7 @@ def read_run_config(run_dir: Path, recipe: str) -> dict[str, Any]:
 
 def _plain(value: Any) -> Any:
     """Tensors and numpy scalars to Python numbers, so JSON and f-strings take them."""
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return float(value)
-    return value
+    return value.item() if hasattr(value, "item") else value
 
 
 def _torch_version() -> str:
