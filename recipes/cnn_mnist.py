@@ -17,6 +17,15 @@ shifted, rotated and scaled a little (data augmentation, done on whole batches w
 costs far less than per-image transforms). The learning rate follows a one-cycle schedule.
 Batches are cut from tensors already in memory: no per-sample Dataset, no worker processes.
 
+Speed: images are stored channels-last (B, 28, 28, C in memory), the layout oneDNN and cuDNN convolve
+fastest, and the forward pass runs under bf16 autocast where the hardware has bf16 (GPUs, and CPUs with
+avx512_bf16/AMX: 1.4x faster here, same accuracy). `dlnotes bench cnn-mnist` compares the recipe's
+throughput with the model's raw training speed (`training_ceiling`).
+
+`dlnotes run cnn-mnist --nproc 2` trains with 2 processes (DistributedDataParallel): each takes half of
+every batch, gradients are averaged, rank 0 evaluates and writes. Batch norm statistics stay per process
+(SyncBatchNorm needs a GPU), the one way it differs from a single process with the same batch.
+
 `--dataset fashion-mnist` trains the same network on Zalando's clothing images (60k/10k, from Debian's
 `dataset-fashion-mnist`), `--data-dir` reads full MNIST from IDX files, `--download` uses torchvision.
 """
@@ -30,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dlnotes import distributed
 from dlnotes.catalog import recipe_id
 from dlnotes.checkpoint import load_checkpoint, load_weights, restore_config, save_checkpoint
 from dlnotes.datasets import batch_indices, epoch_generator, load_image_dataset
@@ -38,6 +48,7 @@ from dlnotes.flags import require_positive
 from dlnotes.images import read_image_like_mnist
 from dlnotes.launch import cli
 from dlnotes.plots import plot_image_grid
+from dlnotes.speedups import autocast, compile_model, grad_scaler, resolve_precision
 from dlnotes.tracking import Run
 from dlnotes.transforms import random_affine, standardize
 
@@ -45,6 +56,7 @@ TAGS = ("vision", "classification", "cnn")
 DATASET = "MNIST-10k (offline) | Fashion-MNIST | full MNIST"
 TARGET = ("test_acc", 0.985)  # on the MNIST-10k held-out split; Fashion-MNIST reaches about 0.91
 SMOKE = {"epochs": 1, "limit_batches": 3}
+DISTRIBUTED = True  # dlnotes run cnn-mnist --nproc N
 
 
 @dataclass
@@ -58,6 +70,9 @@ class Config:
     data_dir: str = ""  # a folder with the four IDX files (full MNIST or Fashion-MNIST)
     download: bool = False  # fetch the full dataset with torchvision (needs a network)
     limit_batches: int = 0  # 0 = all; smoke runs train on a few batches only
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto = bf16 where the hardware has it, else fp32
+    compile: bool = False  # torch.compile the model: pays on GPUs; slower on this 2-core CPU
+    channels_last: bool = True  # NHWC memory layout: faster convolutions (+10 % on this CPU)
     device: str = "auto"  # auto | cpu | cuda | mps
     seed: int = 0
     out: str = "runs"  # run directories go under OUT/cnn-mnist/
@@ -91,10 +106,12 @@ class SimpleCNN(nn.Module):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000):
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, precision: str = "fp32",
+             batch_size: int = 1000):
     """Mean loss, accuracy and the predictions, on in-memory tensors."""
     model.eval()
-    logits = torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+    with autocast(images.device, precision):
+        logits = torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]).float()
     loss = F.cross_entropy(logits, labels).item()
     predicted = logits.argmax(dim=1)  # argmax of logits = argmax of softmax: no softmax needed
     return loss, (predicted == labels).float().mean().item(), predicted
@@ -104,18 +121,24 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 
 
 def main(cfg: Config) -> dict[str, float]:
-    device = pick_device(cfg.device)
-    generator = seed_everything(cfg.seed)
+    device = distributed.start(pick_device(cfg.device))  # under torchrun: join the other processes
+    precision = resolve_precision(cfg.precision, device, bf16_on_cpu=True)
+    generator = seed_everything(cfg.seed + distributed.rank())  # each process its own augmentation draws
     data = load_image_dataset(cfg.dataset, cfg.data_dir, cfg.download)
     run = Run(__file__, cfg, device)
-    print(f"data: {data.source}  device: {device}  run: {run.dir}")
+    print(f"data: {data.source}  device: {device}  precision: {precision}  processes: {run.world_size}  "
+          f"run: {run.dir}")
 
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     train_x = standardize(torch.from_numpy(data.train_images)).to(device)  # (N, 1, 28, 28)
     train_y = torch.from_numpy(data.train_labels).to(device)  # (N,)
-    test_x = standardize(torch.from_numpy(data.test_images)).to(device)
+    test_x = standardize(torch.from_numpy(data.test_images)).to(device, memory_format=memory_format)
     test_y = torch.from_numpy(data.test_labels).to(device)
 
-    model = SimpleCNN(len(data.classes)).to(device)
+    model = SimpleCNN(len(data.classes)).to(device, memory_format=memory_format)
+    # What the training step calls: compiled and/or wrapped in DDP; `model` itself shares its weights.
+    train_model = distributed.wrap(compile_model(model, cfg.compile, device))
+    scaler = grad_scaler(device, precision)  # scales the loss for fp16 only; a no-op otherwise
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(batch_indices(len(train_x), cfg.batch_size, limit=cfg.limit_batches, shuffle=False))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr,
@@ -127,26 +150,68 @@ def main(cfg: Config) -> dict[str, float]:
         # The order depends on (seed, epoch) only, so a run resumed mid-epoch redraws the same batches.
         order = epoch_generator(cfg.seed, epoch)
         batches = batch_indices(len(train_x), cfg.batch_size, order, limit=cfg.limit_batches)
-        for idx in run.progress(batches, total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}"):
-            idx = idx.to(device)
+        for batch in run.progress(batches, total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}"):
+            idx = distributed.shard(batch).to(device)  # this process's part of the global batch
             images, labels = train_x[idx], train_y[idx]  # (B, 1, 28, 28), (B,)
             if cfg.augment:
                 images = random_affine(images, generator)
-            loss = F.cross_entropy(model(images), labels)
+            images = images.contiguous(memory_format=memory_format)
+            with autocast(device, precision):  # bf16/fp16 matrix multiplies; the loss itself is fp32
+                loss = F.cross_entropy(train_model(images), labels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()  # with DDP, backward also averages the gradients of all processes
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
-            run.update(len(idx), loss=loss.detach())
-        test_loss, test_acc, _ = evaluate(model, test_x, test_y)
+            run.update(len(batch), loss=loss.detach())
+        # Rank 0 alone evaluates (the replicas hold the same weights) and tells the others the result.
+        test_loss, test_acc, _ = distributed.on_main(evaluate, model, test_x, test_y, precision)
         run.end_epoch(epoch, train_loss=run.epoch_mean("loss"), test_loss=test_loss, test_acc=test_acc,
                       samples_per_s=run.samples_per_s)
 
-    test_loss, test_acc, predicted = evaluate(model, test_x, test_y)
+    test_loss, test_acc, predicted = distributed.on_main(evaluate, model, test_x, test_y, precision)
     save_checkpoint(run.dir, run.recipe, model, cfg, classes=list(data.classes))
     plot_image_grid(data.test_images, data.test_labels, predicted.cpu().numpy(), data.classes,
                     run.dir / "samples.png")
     return run.finish({"test_acc": test_acc, "test_loss": test_loss, "samples_per_s": run.samples_per_s})
+
+
+def training_ceiling(cfg: Config, seconds: float = 10.0) -> float:
+    """Samples/s of the bare training step (forward, backward, optimizer step) on random in-memory batches of
+    the training shape, with the same precision and layout: the most this model can train at on this
+    machine. `dlnotes bench` divides the recipe's own throughput by it; the gap is data, augmentation,
+    progress and Python overhead."""
+    import time
+
+    device = pick_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device, bf16_on_cpu=True)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = SimpleCNN(10).to(device, memory_format=memory_format).train()
+    train_model = compile_model(model, cfg.compile, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    scaler = grad_scaler(device, precision)
+    images = torch.randn(cfg.batch_size, 1, 28, 28, device=device).contiguous(memory_format=memory_format)
+    labels = torch.randint(0, 10, (cfg.batch_size,), device=device)
+
+    def step() -> None:
+        with autocast(device, precision):
+            loss = F.cross_entropy(train_model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    for _ in range(10):  # warm-up: allocators, kernel choices (and the compiler) are not what we time
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step()
+        steps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * cfg.batch_size / (time.perf_counter() - start)
 
 
 # --- using the trained model ------------------------------------------------------------------------------

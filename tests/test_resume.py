@@ -22,7 +22,9 @@ MLP_FLAGS = ["--epochs", "4", "--limit-batches", "100", "--device", "cpu", "--ba
 
 
 def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """metrics.jsonl without the wall-clock column, which no two runs share."""
+    return [{k: v for k, v in json.loads(line).items() if k != "time_s"}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -18,12 +18,14 @@ import numpy as np
 import torch
 
 from dlnotes import __version__
+from dlnotes.distributed import main_rank_only, unwrap
 from dlnotes.errors import UserError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = 1
 
 
+@main_rank_only
 def save_checkpoint(run_dir: Path, recipe: str, model: torch.nn.Module, config: Any, **extra: Any) -> Path:
     """Write `run_dir/checkpoint.pt` via a temporary file and an atomic rename, so a crash never leaves half a file."""
     return atomic_save(checkpoint_state(recipe, model, config, **extra), Path(run_dir) / CHECKPOINT_NAME)
@@ -36,7 +38,7 @@ def checkpoint_state(recipe: str, model: torch.nn.Module, config: Any, **extra: 
         "recipe": recipe,
         "dlnotes_version": __version__,
         "config": asdict(config),
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
         **extra,
     }
 
@@ -80,7 +82,7 @@ def load_state_file(path: Path, recipe: str) -> dict[str, Any]:
 def load_weights(model: torch.nn.Module, state: dict[str, Any], key: str = "model") -> None:
     """load_state_dict with a clear error when the checkpoint was made for a differently shaped model."""
     try:
-        model.load_state_dict(state[key])
+        unwrap(model).load_state_dict(state[key])
     except RuntimeError as err:
         first = str(err).strip().splitlines()
         detail = next((line.strip() for line in first[1:] if line.strip()), first[0] if first else "")

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from dlnotes.catalog import RecipeInfo
+from dlnotes.distributed import LAUNCH_FLAGS
 from dlnotes.errors import UserError
 
 
@@ -25,6 +26,10 @@ class RunOptions:
     resume: str = ""  # a run directory to continue
     save_every: int = 0  # also checkpoint every N optimizer steps (every epoch end always checkpoints)
     keep: int = 1  # how many of the newest step checkpoints to keep (fasttext's are 190 MB each)
+    nproc: int = 1  # processes on this machine (torchrun's --nproc-per-node)
+    nnodes: int = 1  # machines in the job
+    node_rank: int = 0  # this machine's index, 0 .. nnodes - 1
+    rdzv_endpoint: str = ""  # HOST:PORT of node 0, where the processes meet
 
     explicit: frozenset[str] = frozenset()  # the Config fields given on the command line
 
@@ -33,6 +38,10 @@ RUN_OPTION_HELP = {
     "resume": "Continue the run in this directory from its newest checkpoint (only --epochs/--device may change).",
     "save_every": "Also write a checkpoint every N optimizer steps (0 = only at the end of each epoch).",
     "keep": "Keep the newest N step checkpoints (plus best.pt).",
+    "nproc": "Train with N processes on this machine (torchrun + DistributedDataParallel).",
+    "nnodes": "Machines in a multi-node job (each runs the same command with its own --node-rank).",
+    "node_rank": "This machine's index in a multi-node job, 0 .. NNODES-1.",
+    "rdzv_endpoint": "HOST:PORT of node 0 in a multi-node job (default: a free loopback port for one machine).",
 }
 
 
@@ -60,12 +69,25 @@ def build_command(info: RecipeInfo, prog: str) -> click.Command:
                                help=RUN_OPTION_HELP["save_every"]))
     params.append(click.Option(["--keep"], type=click.IntRange(min=1), default=1, show_default=True,
                                help=RUN_OPTION_HELP["keep"]))
+    if info.distributed:
+        params.append(click.Option(["--nproc"], type=click.IntRange(min=1), default=1, show_default=True,
+                                   help=RUN_OPTION_HELP["nproc"]))
+        params.append(click.Option(["--nnodes"], type=click.IntRange(min=1), default=1, show_default=True,
+                                   help=RUN_OPTION_HELP["nnodes"]))
+        params.append(click.Option(["--node-rank"], type=click.IntRange(min=0), default=0, show_default=True,
+                                   help=RUN_OPTION_HELP["node_rank"]))
+        params.append(click.Option(["--rdzv-endpoint"], default="", metavar="HOST:PORT",
+                                   help=RUN_OPTION_HELP["rdzv_endpoint"]))
     return click.Command(prog, params=params, help=f"{info.title}\n\nFlags come from the recipe's Config.",
                          callback=lambda **values: values)
 
 
 def parse_args(info: RecipeInfo, args: list[str], prog: str) -> tuple[dict[str, Any], RunOptions] | None:
     """Turn argv into Config values. Returns None when help was shown. Bad flags raise UserError."""
+    refused = [a for a in args if a.split("=")[0] in LAUNCH_FLAGS]
+    if refused and not info.distributed:
+        raise UserError(f"Recipe '{info.id}' does not support distributed training ({refused[0].split('=')[0]}); "
+                        "see DISTRIBUTED in `dlnotes show " + info.id + "`.")
     command = build_command(info, prog)
     try:
         with command.make_context(prog, list(args)) as ctx:
@@ -79,8 +101,9 @@ def parse_args(info: RecipeInfo, args: list[str], prog: str) -> tuple[dict[str, 
         return None  # --help was printed
     except click.ClickException as err:
         raise UserError(err.format_message().replace("\n", " ")) from err
+    launch = {name: values.pop(name) for name in ("nproc", "nnodes", "node_rank", "rdzv_endpoint") if name in values}
     options = RunOptions(smoke=values.pop("smoke"), resume=values.pop("resume"), save_every=values.pop("save_every"),
-                         keep=values.pop("keep"), explicit=frozenset(explicit & set(values)))
+                         keep=values.pop("keep"), **launch, explicit=frozenset(explicit & set(values)))
     if options.smoke:
         unknown = set(info.smoke) - set(values)
         if unknown:

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from dlnotes.distributed import main_rank_only  # in a multi-process run, only rank 0 writes files
+
 
 def pyplot() -> Any:
     """matplotlib.pyplot on the file-only Agg backend."""
@@ -21,12 +23,13 @@ def pyplot() -> Any:
     return plt
 
 
+@main_rank_only
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> None:
     """One panel per metric name: losses in one panel, every other metric in its own."""
     plt = pyplot()
     x_key = "step" if any("step" in row for row in history) else "epoch"
     names = sorted({k for row in history for k, v in row.items()
-                    if k not in ("epoch", "step") and isinstance(v, (int, float))})
+                    if k not in ("epoch", "step", "time_s") and isinstance(v, (int, float))})
     losses = [n for n in names if "loss" in n]
     panels = ([losses] if losses else []) + [[n] for n in names if n not in losses]
     if not panels:
@@ -49,6 +52,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> N
     plt.close(fig)
 
 
+@main_rank_only
 def plot_image_grid(images: np.ndarray, true: np.ndarray, predicted: np.ndarray, classes: tuple[str, ...],
                     path: Path, count: int = 32, columns: int = 8) -> None:
     """Held-out images titled `predicted (true)`, wrong ones in red: look at what the model does.
@@ -72,6 +76,7 @@ def plot_image_grid(images: np.ndarray, true: np.ndarray, predicted: np.ndarray,
     plt.close(fig)
 
 
+@main_rank_only
 def plot_confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path, title: str = "") -> None:
     """Counts of (true class, predicted class), with each row's share: the diagonal is what was right."""
     plt = pyplot()
@@ -94,6 +99,7 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path, ti
     plt.close(fig)
 
 
+@main_rank_only
 def plot_attention(examples: list[tuple[list[str], list[str], np.ndarray]], path: Path, title: str = "") -> None:
     """Attention heat maps, one panel per (source tokens, output tokens, weights (T_out, T_src)) example:
     row t shows where the decoder looked while it wrote output token t."""

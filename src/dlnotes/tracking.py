@@ -14,6 +14,9 @@ state and the position in the data order, and stops with exit code 130; a second
 (checkpoints are written to a temporary file and renamed, so none is ever half-written).
 `dlnotes run ID --resume RUN_DIR` continues the same directory. A non-finite loss stops the run and names
 the step.
+
+In a multi-process run (torchrun) every rank makes a Run, but only rank 0 writes or prints; the others learn
+the directory from it. Epoch means are averaged over all ranks, and samples/s counts the global batch.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dlnotes import __version__
+from dlnotes import __version__, distributed
 from dlnotes.catalog import read_recipe, recipe_id
 from dlnotes.errors import TrainingDiverged, TrainingInterrupted, UserError
 from dlnotes.flags import RunOptions
@@ -115,15 +118,18 @@ class Run:
         self._resume_state: dict[str, Any] | None = None
         self.restored_extra: dict[str, Any] | None = None
         self.trainer_checkpoint: Path | None = None  # set when resuming a Hugging Face Trainer's checkpoint
+        self.is_main = distributed.is_main()
+        self.world_size = distributed.world_size()
         meta = {"recipe": self.recipe, "device": self.device, "dlnotes": __version__,
-                "python": platform.python_version(), "torch": _torch_version()}
+                "python": platform.python_version(), "torch": _torch_version(), "world_size": self.world_size}
         if self.options.resume:
             self.dir = Path(self.options.resume)
             self._open_for_resume(meta)
-        else:
+        elif self.is_main:
             self.dir = new_run_dir(Path(config.out), self.recipe)
             (self.dir / "config.json").write_text(json.dumps({"config": asdict(config), "meta": meta}, indent=2))
-        self._metrics = (self.dir / "metrics.jsonl").open("a")
+        self.dir = Path(distributed.broadcast(str(self.dir) if self.is_main else ""))
+        self._metrics = (self.dir / "metrics.jsonl").open("a") if self.is_main else None
 
     def _open_for_resume(self, meta: dict[str, Any]) -> None:
         from dlnotes.checkpoint import load_state_file
@@ -142,6 +148,8 @@ class Run:
             raise UserError(f"{self.dir} has no checkpoint to resume from (checkpoints/last-*.pt).")
         else:
             self._resume_state = load_state_file(newest, self.recipe)
+        if not self.is_main:
+            return  # rank 0 updates the files
         changed = {k: [saved["config"].get(k), v] for k, v in asdict(self.config).items()
                    if saved["config"].get(k) != v}
         source = newest.name if newest is not None else self.trainer_checkpoint.name
@@ -181,6 +189,7 @@ class Run:
         self._sums, self._counts = state["sums"], state["counts"]
         self._skip, self._best = self.position.batch, state["best"]
         self.restored_extra = state["extra"]
+        self._started -= state.get("elapsed_s", 0.0)  # time_s in metrics.jsonl continues where it stopped
         print(f"resuming {self.dir} at step {self.position.step} "
               f"(epoch {self.position.epoch}, batch {self.position.batch})", flush=True)
         return self.position
@@ -206,8 +215,9 @@ class Run:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         self._stop_requested = True
-        print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to quit at once)",
-              file=sys.stderr, flush=True)
+        if self.is_main:
+            print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to quit at once)",
+                  file=sys.stderr, flush=True)
 
     def _after_step(self) -> None:
         self._in_step = False
@@ -215,7 +225,10 @@ class Run:
         self.position.step += 1
         if not self._attached:
             return
-        if self._stop_requested:
+        stop = self._stop_requested
+        if self.world_size > 1:  # every rank must stop after the same step, or the others wait for it forever
+            stop = distributed.any_rank(stop)
+        if stop:
             raise self.interrupted(self.save_state())
         if self.options.save_every and self.position.step % self.options.save_every == 0:
             self.save_state()
@@ -225,7 +238,8 @@ class Run:
         from dlnotes.checkpoint import atomic_save, capture_rng, checkpoint_state
 
         folder = self.dir / "checkpoints"
-        folder.mkdir(exist_ok=True)
+        if self.is_main:
+            folder.mkdir(exist_ok=True)
         model, optimizer, scheduler, generator = (self._attached[k] for k in
                                                    ("model", "optimizer", "scheduler", "generator"))
         state = checkpoint_state(
@@ -235,10 +249,14 @@ class Run:
             rng=capture_rng(generator), position=asdict(self._position_to_resume()),
             sums={k: v.detach().cpu() if hasattr(v, "detach") else v for k, v in self._sums.items()},
             counts=dict(self._counts), best=self._best, metrics_rows=len(self.history),
+            elapsed_s=time.perf_counter() - self._started,
             extra=self._attached["extra"]() if self._attached["extra"] else None,
         )
         step = state["position"]["step"]
-        path = atomic_save(state, folder / (name or f"last-{step:08d}.pt"))
+        path = folder / (name or f"last-{step:08d}.pt")
+        if not self.is_main:
+            return path
+        atomic_save(state, path)
         if not name:
             for old in sorted(folder.glob("last-*.pt"))[: -max(self.options.keep, 1)]:
                 old.unlink()
@@ -272,13 +290,16 @@ class Run:
     def log(self, **values: Any) -> None:
         """One line of metrics.jsonl, one TensorBoard point per value; `epoch` or `step` is the x axis."""
         row = {k: _plain(v) for k, v in values.items()}
+        row["time_s"] = round(time.perf_counter() - self._started, 2)  # `dlnotes bench` reads time-to-target here
         self.history.append(row)
+        if not self.is_main:
+            return
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
         x = row.get("step", row.get("epoch", len(self.history)))
         writer = self._tensorboard()
         for key, value in row.items():
-            if key not in ("epoch", "step") and isinstance(value, (int, float)):
+            if key not in ("epoch", "step", "time_s") and isinstance(value, (int, float)):
                 writer.add_scalar(key, value, x)
 
     def _tensorboard(self) -> Any:
@@ -349,7 +370,8 @@ class Run:
                 yield item
 
     def update(self, samples: int, **values: Any) -> None:
-        """After each step: count samples, show `values` in the progress line, sum them for `epoch_mean`.
+        """After each step: count samples (the global batch's, in a multi-process run), show `values` in the
+        progress line, sum them for `epoch_mean`.
         A loss that is NaN or infinite stops the run here, naming the step."""
         self._samples += samples
         self._live = values
@@ -362,8 +384,13 @@ class Run:
                 self._diverged(key, float(_plain(value)))
 
     def epoch_mean(self, key: str) -> float:
-        """Mean of `key` over this epoch's updates (summed on the device, read once here)."""
-        return float(_plain(self._sums[key])) / max(self._counts.get(key, 0), 1)
+        """Mean of `key` over this epoch's updates (summed on the device, read once here), over all ranks."""
+        total = self._sums[key]
+        if self.world_size > 1:  # every rank calls this at the same point: add up all ranks' sums
+            import torch
+
+            total = distributed.all_sum(total.clone() if hasattr(total, "clone") else torch.tensor(float(total)))
+        return float(_plain(total)) / max(self._counts.get(key, 0) * self.world_size, 1)
 
     def _diverged(self, key: str, value: float) -> None:
         good = latest_checkpoint(self.dir)
@@ -385,11 +412,19 @@ class Run:
     def finish(self, metrics: dict[str, float]) -> dict[str, float]:
         """Write summary.json and curves.png, print the summary, and return `metrics` unchanged."""
         wall = time.perf_counter() - self._started
+        extra = {}
+        if self.world_size > 1 and self._attached.get("model") is not None:
+            # A check that DDP did its job: every process must end with rank 0's weights, bit for bit.
+            extra = {"world_size": self.world_size,
+                     "replica_max_difference": distributed.replica_difference(self._attached["model"])}
+        if not self.is_main:
+            self.close()
+            return metrics
         met = None
         if self.target and self.target[0] in metrics:
             met = bool(metrics[self.target[0]] >= self.target[1])
         summary = {"recipe": self.recipe, "metrics": metrics, "target": self.target, "target_met": met,
-                   "wall_time_s": round(wall, 2), "device": self.device}
+                   "wall_time_s": round(wall, 2), "device": self.device, **extra}
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self._write_curves()
         self.close()
@@ -403,7 +438,7 @@ class Run:
         return metrics
 
     def _write_curves(self) -> None:
-        if self.history:
+        if self.history and self.is_main:
             from dlnotes.plots import plot_curves
 
             plot_curves(self.history, self.dir / "curves.png", title=self.recipe)
@@ -412,7 +447,8 @@ class Run:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        self._metrics.close()
+        if self._metrics is not None:
+            self._metrics.close()
         if self._previous_handler is not None:
             signal.signal(signal.SIGINT, self._previous_handler)
             self._previous_handler = None

@@ -1,0 +1,173 @@
+"""Data-parallel training on PyTorch's own engine: torchrun starts the processes, DDP keeps them in step.
+
+`dlnotes run ID --nproc 2` re-runs the same command under torchrun (`python -m torch.distributed.run`),
+which starts 2 worker processes with RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address in their
+environment. `--nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT` on each of two machines (or twice on one)
+joins them into one job. Inside a recipe, four calls make a training loop data-parallel:
+
+    device = distributed.start(pick_device(cfg.device))  # join the group: gloo on CPU, nccl on CUDA
+    model = distributed.wrap(model)     # DistributedDataParallel: backward() averages gradients across ranks
+    idx = distributed.shard(idx)        # every rank takes its slice of the same global batch
+    distributed.all_sum(totals)         # evaluation: each rank scores a slice, the sums are added up
+
+Every rank draws the same global batch order (it depends on seed and epoch only) and trains on 1/N of each
+batch, and DDP averages the gradients, so N processes take the same optimizer steps as one process with the
+same global batch. Only rank 0 writes: the run directory, metrics, progress, checkpoints and plots.
+Outside torchrun every call here is a no-op, so the same recipe runs alone unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint")
+
+
+def world_size() -> int:
+    """Processes in the job (1 outside torchrun). Read from the environment: valid before the group starts."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    """Rank 0 is the one that writes files and prints."""
+    return rank() == 0
+
+
+def in_worker() -> bool:
+    """True inside a process that torchrun started."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or world_size() > 1
+
+
+def active() -> bool:
+    """A process group with more than one rank is running."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def start(device: Any) -> Any:
+    """Join the process group when started by torchrun and return this rank's device (cuda:LOCAL_RANK on a
+    GPU machine). Outside torchrun: returns `device` unchanged."""
+    import torch
+    import torch.distributed as dist
+
+    if world_size() == 1 or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return device
+
+
+def stop() -> None:
+    """Leave the process group (launch does this after the recipe returns or fails)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: Any) -> Any:
+    """DistributedDataParallel around `model` in a multi-process run; the model itself otherwise.
+    DDP copies rank 0's weights to every rank first, so the replicas start equal."""
+    if not active():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(model.parameters()).device
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def unwrap(model: Any) -> Any:
+    """The plain module inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers: what checkpoints hold."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def shard(items: Any) -> Any:
+    """This rank's contiguous slice of a global batch (a tensor or a list). Slices differ by at most one item."""
+    if world_size() == 1:
+        return items
+    size, me = world_size(), rank()
+    n = len(items)
+    start, end = n * me // size, n * (me + 1) // size
+    return items[start:end]
+
+
+def all_sum(tensor: Any) -> Any:
+    """Sum `tensor` over all ranks, in place and returned (itself outside a multi-process run)."""
+    if active():
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any: all ranks must stop at the same step (Ctrl-C)."""
+    if not active():
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    return bool(all_sum(torch.tensor([int(flag)], device=device)).item())
+
+
+def broadcast(value: Any) -> Any:
+    """Rank 0's picklable `value` on every rank (the run directory's path)."""
+    if not active():
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def main_rank_only(function: Callable[..., T]) -> Callable[..., T | None]:
+    """For functions that write files (checkpoints, plots): they run on rank 0 and do nothing elsewhere."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> T | None:
+        return function(*args, **kwargs) if is_main() else None
+
+    return wrapper
+
+
+def on_main(function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` computed on rank 0 alone and sent to the others (evaluation: the replicas hold the
+    same weights, so one process scoring the test set is enough). Pass the plain model, not the DDP wrapper:
+    DDP's forward talks to the other ranks, which are not running it."""
+    if not active():
+        return function(*args)
+    return broadcast(function(*args) if is_main() else None)
+
+
+def replica_difference(model: Any) -> float:
+    """Largest absolute difference between any rank's parameters and rank 0's (0.0 when DDP kept the replicas
+    identical, as it must); 0.0 outside a multi-process run. Every rank must call it."""
+    if not active():
+        return 0.0
+    import torch
+    import torch.distributed as dist
+
+    mine = torch.cat([p.detach().float().flatten() for p in unwrap(model).parameters()])
+    reference = mine.clone()
+    dist.broadcast(reference, src=0)
+    difference = (mine - reference).abs().max().reshape(1)
+    dist.all_reduce(difference, op=dist.ReduceOp.MAX)
+    return float(difference.item())
