@@ -125,9 +125,6 @@ def main(cfg: Config) -> dict[str, float]:
     precision = resolve_precision(cfg.precision, device, bf16_on_cpu=True)
     generator = seed_everything(cfg.seed + distributed.rank())  # each process its own augmentation draws
     data = load_image_dataset(cfg.dataset, cfg.data_dir, cfg.download)
-    run = Run(__file__, cfg, device)
-    print(f"data: {data.source}  device: {device}  precision: {precision}  processes: {run.world_size}  "
-          f"run: {run.dir}")
 
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     train_x = standardize(torch.from_numpy(data.train_images)).to(device)  # (N, 1, 28, 28)
@@ -139,6 +136,10 @@ def main(cfg: Config) -> dict[str, float]:
     # What the training step calls: compiled and/or wrapped in DDP; `model` itself shares its weights.
     train_model = distributed.wrap(compile_model(model, cfg.compile, device))
     scaler = grad_scaler(device, precision)  # scales the loss for fp16 only; a no-op otherwise
+    run = Run(__file__, cfg, device)  # after everything that can refuse the flags: no empty run directories
+    print(f"data: {data.source}  device: {device}  precision: {precision}  processes: {run.world_size}  "
+          f"run: {run.dir}")
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(batch_indices(len(train_x), cfg.batch_size, limit=cfg.limit_batches, shuffle=False))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr,
