@@ -295,7 +295,7 @@ def train(cfg: Config, device: torch.device) -> dict[str, float]:
     save_gif(frames, run.dir / "episode.gif", fps)
     plot_returns(run.history, run.dir / "returns.png", threshold, title=f"{run.recipe} on {cfg.env}")
     return run.finish({"eval_return": float(returns.mean()), "eval_std": float(returns.std()),
-                       "solved": float(solved), "env_steps": float(step)})
+                       "solved": float(solved), "env_steps": float(step), "env_steps_per_s": run.samples_per_s})
 
 
 # --- using the trained policy -----------------------------------------------------------------------------

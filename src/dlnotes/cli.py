@@ -1,4 +1,4 @@
-"""The `dlnotes` command: list, show, run, smoke, cp, predict, runs.
+"""The `dlnotes` command: list, show, run, smoke, bench, cp, predict, runs, serve.
 
 Only the commands that train or predict import torch (through the recipe); `list`, `show` and every
 `--help` read the catalog's metadata and stay fast.
@@ -139,6 +139,27 @@ def smoke(
             table.add_row(info.id, result, f"{time.perf_counter() - start:.1f}", detail)
     console().print(table)
     if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def bench(
+    recipes: list[str] | None = typer.Argument(None, help="Recipe ids (default: every recipe with a TARGET)."),
+    repeat: int = typer.Option(1, "--repeat", min=1, help="Runs per recipe; the table shows medians."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | mps"),
+    out: Path = typer.Option(Path("runs"), "--out", help="bench.json, bench.md and the runs go under OUT/bench/."),
+) -> None:
+    """Run recipes' default configurations: time to target, final metric, throughput, peak memory."""
+    from dlnotes.bench import benchable, run_bench
+
+    infos = benchable(recipes)
+    if device not in ("auto", "cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise UserError(f"Unknown device '{device}': use one of auto, cpu, cuda, mps.")
+    folder, rows = run_bench(infos, repeat, device, out, report=lambda line: console().print(line, highlight=False))
+    print("\n" + (folder / "bench.md").read_text())  # plain: a Markdown table must not be wrapped
+    console().print(f"bench.json and bench.md in {folder}")
+    if any(row["errors"] or row["met"] < row["runs"] for row in rows):
         raise typer.Exit(1)
 
 

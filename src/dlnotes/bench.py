@@ -1,0 +1,190 @@
+"""`dlnotes bench`: run recipes' default configurations and report what they reach, how fast, with what.
+
+Each recipe runs in a fresh worker process (`python -c "...bench_worker()"`), so one recipe's memory or
+threads never colour the next one's numbers, and peak memory is that process's own. The worker calls the
+recipe's `main` in-process, then reads the run directory it wrote:
+
+    time to target   `time_s` of the first metrics.jsonl row where the catalog TARGET holds (the run's
+                     wall time when only the final evaluation has the metric)
+    final metric     the TARGET metric main returned, and whether the target holds
+    throughput       samples/s, tokens/s or env steps/s, as the recipe reports it
+    peak memory      the worker's maximum resident set (and CUDA's peak allocation on a GPU)
+    ceiling          recipes with a `training_ceiling(cfg)` (cnn-mnist) also time their bare training step on
+                     random in-memory batches in the same process; throughput / ceiling says how much the
+                     data pipeline, augmentation and bookkeeping cost
+
+`--repeat N` runs each recipe N times and reports medians. Results go to OUT/bench/STAMP/bench.json and
+bench.md (the Markdown table), with every run directory and log beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from dlnotes import catalog
+from dlnotes.errors import UserError
+from dlnotes.tracking import list_runs, new_run_dir
+
+THROUGHPUT_KEYS = (("samples_per_s", "samples/s"), ("tokens_per_s", "tokens/s"), ("env_steps_per_s", "env steps/s"))
+PACKAGES = ("torch", "torchvision", "transformers", "numpy", "gymnasium")
+
+
+def benchable(ids: list[str] | None) -> list[catalog.RecipeInfo]:
+    """The recipes to run: the given ids (each must declare a TARGET), or every recipe that declares one."""
+    if not ids:
+        return [info for info in catalog.all_recipes().values() if info.target]
+    infos = [catalog.get(i) for i in ids]
+    for info in infos:
+        if not info.target:
+            raise UserError(f"Recipe '{info.id}' declares no TARGET, so there is nothing to bench it against.")
+    return infos
+
+
+def run_bench(infos: list[catalog.RecipeInfo], repeat: int, device: str, out: Path,
+              report: Any = print) -> tuple[Path, list[dict[str, Any]]]:
+    """Run every recipe `repeat` times in worker processes; write bench.json and bench.md; return the folder
+    and one summary row per recipe."""
+    folder = new_run_dir(out, "bench")
+    rows = []
+    for info in infos:
+        attempts = []
+        for attempt in range(1, repeat + 1):
+            report(f"{info.id}: run {attempt}/{repeat} ...")
+            result = run_worker(info, device, folder, attempt)
+            attempts.append(result)
+            report(f"{info.id}: " + (f"failed: {result['error']}" if "error" in result else
+                                     f"{info.target[0]} {result['metric']:.4g} in {result['wall_s']:.0f} s"))
+        rows.append(summarize(info, attempts))
+    machine = describe_machine(device)
+    (folder / "bench.json").write_text(json.dumps({"machine": machine, "repeat": repeat, "recipes": rows}, indent=2))
+    (folder / "bench.md").write_text(markdown_table(rows, machine, repeat))
+    return folder, rows
+
+
+def run_worker(info: catalog.RecipeInfo, device: str, folder: Path, attempt: int) -> dict[str, Any]:
+    result_file = folder / f"{info.id}-{attempt}.json"
+    log_file = folder / f"{info.id}-{attempt}.log"
+    command = [sys.executable, "-c", "from dlnotes.bench import bench_worker; bench_worker()",
+               info.id, device, str(folder / "runs"), str(result_file)]
+    with log_file.open("w") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0 or not result_file.is_file():
+        lines = [line for line in log_file.read_text().splitlines() if line.strip()]
+        return {"error": f"exit code {code}: {lines[-1] if lines else 'no output'} (log: {log_file})"}
+    return json.loads(result_file.read_text())
+
+
+def bench_worker() -> None:
+    """In the worker process: argv = recipe id, device, runs folder, result file."""
+    import resource
+
+    from dlnotes.launch import quiet_idle_threads
+
+    recipe, device, runs, result_file = sys.argv[1:5]
+    quiet_idle_threads()
+    info = catalog.get(recipe)
+    module = catalog.load_module(info)
+    values = {f.name: f.default for f in info.fields}
+    values.update({k: v for k, v in {"device": device, "out": runs}.items() if info.field(k)})
+    cfg = module.Config(**values)
+    start = time.perf_counter()
+    metrics = module.main(cfg)
+    wall = time.perf_counter() - start
+    run_dir = list_runs(Path(runs), info.id)[-1]
+    name, bound = info.target
+    result: dict[str, Any] = {
+        "metric": float(metrics[name]), "target_met": bool(metrics[name] >= bound), "wall_s": wall,
+        "time_to_target_s": time_to_target(run_dir, name, bound, metrics, wall),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux reports KiB
+        "run_dir": str(run_dir),
+    }
+    for key, unit in THROUGHPUT_KEYS:
+        if key in metrics:
+            result["throughput"], result["throughput_unit"] = float(metrics[key]), unit
+            break
+    import torch
+
+    if torch.cuda.is_available() and device != "cpu":
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if hasattr(module, "training_ceiling") and "throughput" in result:
+        result["ceiling"] = float(module.training_ceiling(cfg))
+        result["ceiling_fraction"] = result["throughput"] / result["ceiling"]
+    Path(result_file).write_text(json.dumps(result))
+
+
+def time_to_target(run_dir: Path, name: str, bound: float, metrics: dict[str, float], wall: float) -> float | None:
+    """Seconds into the run of the first logged evaluation that meets the target; the whole run when only the
+    final metrics have it; None when it was never met."""
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        row = json.loads(line)
+        if isinstance(row.get(name), (int, float)) and row[name] >= bound and "time_s" in row:
+            return float(row["time_s"])
+    return wall if metrics.get(name, float("-inf")) >= bound else None
+
+
+def summarize(info: catalog.RecipeInfo, attempts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the successful attempts; how many met the target; the errors of the others."""
+    good = [a for a in attempts if "error" not in a]
+    row: dict[str, Any] = {"recipe": info.id, "target": list(info.target), "runs": len(attempts),
+                           "met": sum(a["target_met"] for a in good), "errors": [a["error"] for a in attempts
+                                                                                 if "error" in a]}
+    for key in ("metric", "wall_s", "time_to_target_s", "throughput", "peak_rss_mib", "peak_cuda_mib", "ceiling",
+                "ceiling_fraction"):
+        values = [a[key] for a in good if a.get(key) is not None]
+        row[key] = statistics.median(values) if values else None
+    row["throughput_unit"] = next((a["throughput_unit"] for a in good if "throughput_unit" in a), "")
+    row["run_dirs"] = [a["run_dir"] for a in good]
+    return row
+
+
+def describe_machine(device: str) -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and device != "cpu" else None
+    versions = {"python": platform.python_version(), "dlnotes": metadata.version("dlnotes")}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "device": device, "versions": versions}
+
+
+def markdown_table(rows: list[dict[str, Any]], machine: dict[str, Any], repeat: int) -> str:
+    def number(value: float | None, digits: int = 0) -> str:
+        return "—" if value is None else f"{value:,.{digits}f}"
+
+    where = machine["gpu"] or f"{machine['cpu']}, {machine['cores']} cores, no GPU"
+    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
+    lines = [f"Machine: {where}. {versions}. " + (f"Median of {repeat} runs." if repeat > 1 else "One run each."),
+             "",
+             "| recipe | target | final | met | time to target (s) | wall (s) | throughput | peak memory (MiB) "
+             "| of training ceiling |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        name, bound = row["target"]
+        throughput = f"{number(row['throughput'])} {row['throughput_unit']}" if row["throughput"] else "—"
+        memory = number(row["peak_rss_mib"]) + (f" (+{number(row['peak_cuda_mib'])} GPU)" if row["peak_cuda_mib"]
+                                                 else "")
+        ceiling = (f"{row['ceiling_fraction']:.2f} of {number(row['ceiling'])} {row['throughput_unit']}"
+                   if row["ceiling_fraction"] is not None else "—")
+        met = f"{row['met']}/{row['runs']}" + (" (errors)" if row["errors"] else "")
+        lines.append(f"| {row['recipe']} | {name} ≥ {bound:g} | {number(row['metric'], 4)} | {met} | "
+                     f"{number(row['time_to_target_s'], 1)} | {number(row['wall_s'], 1)} | {throughput} | {memory} | "
+                     f"{ceiling} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,69 @@
+"""`dlnotes bench`: a real default run of the quickest recipe, and the pieces that turn runs into a table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import assert_one_line_error
+from typer.testing import CliRunner
+
+from dlnotes import catalog
+from dlnotes.bench import markdown_table, summarize, time_to_target
+from dlnotes.cli import app
+
+runner = CliRunner()
+
+
+def test_bench_runs_mlp_by_default_settings_and_writes_json_and_a_table(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["bench", "mlp", "--device", "cpu", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    folder = next((tmp_path / "bench").iterdir())
+    report = json.loads((folder / "bench.json").read_text())
+    row = report["recipes"][0]
+    assert row["recipe"] == "mlp" and row["met"] == 1 and row["metric"] >= 0.96  # the default run meets its target
+    assert 0 < row["time_to_target_s"] <= row["wall_s"]
+    assert row["throughput"] > 0 and row["throughput_unit"] == "samples/s"
+    assert row["peak_rss_mib"] > 100  # torch alone is more than that
+    assert report["machine"]["versions"]["torch"].startswith("2.")
+    table = (folder / "bench.md").read_text()
+    assert "| mlp | test_acc ≥ 0.96 |" in table and "| mlp |" in result.output
+    run_dir = Path(row["run_dirs"][0])
+    assert (run_dir / "checkpoint.pt").is_file()  # the benched run is a normal run directory
+
+
+def test_time_to_target_is_the_first_evaluation_that_meets_it(tmp_path: Path) -> None:
+    rows = [{"epoch": 1, "test_acc": 0.5, "time_s": 2.0}, {"epoch": 2, "test_acc": 0.97, "time_s": 4.0},
+            {"epoch": 3, "test_acc": 0.98, "time_s": 6.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert time_to_target(tmp_path, "test_acc", 0.96, {"test_acc": 0.98}, wall=7.0) == 4.0
+    assert time_to_target(tmp_path, "test_acc", 0.99, {"test_acc": 0.98}, wall=7.0) is None
+    # a metric that only the final evaluation reports: the whole run
+    assert time_to_target(tmp_path, "test_bleu", 15, {"test_bleu": 20.0}, wall=7.0) == 7.0
+
+
+def test_repeats_are_summarized_by_their_median_and_failures_are_kept() -> None:
+    info = catalog.get("mlp")
+    attempts = [{"metric": m, "target_met": m >= 0.96, "wall_s": w, "time_to_target_s": w / 2, "throughput": t,
+                 "throughput_unit": "samples/s", "peak_rss_mib": 500.0, "run_dir": "x"}
+                for m, w, t in ((0.97, 10.0, 100.0), (0.95, 30.0, 300.0), (0.98, 20.0, 200.0))]
+    row = summarize(info, [*attempts, {"error": "exit code 1: boom"}])
+    assert row["metric"] == 0.97 and row["wall_s"] == 20.0 and row["throughput"] == 200.0
+    assert row["met"] == 2 and row["runs"] == 4 and row["errors"] == ["exit code 1: boom"]
+    table = markdown_table([row], {"gpu": None, "cpu": "Some CPU", "cores": 2, "versions": {"torch": "2"}}, 3)
+    assert "Median of 3 runs" in table and "| mlp | test_acc ≥ 0.96 | 0.9700 | 2/4 (errors) |" in table
+
+
+def test_cnn_training_ceiling_is_a_positive_rate() -> None:
+    module = catalog.load_module(catalog.get("cnn-mnist"))
+    assert module.training_ceiling(module.Config(device="cpu", batch_size=16), seconds=0.3) > 0
+
+
+def test_bench_refuses_a_recipe_without_a_target() -> None:
+    assert_one_line_error(runner.invoke(app, ["bench", "tensor-ops"]), "tensor-ops", "no TARGET")
+
+
+def test_bench_refuses_an_unknown_recipe_and_a_zero_repeat() -> None:
+    assert_one_line_error(runner.invoke(app, ["bench", "no-such-recipe"]), "no-such-recipe")
+    result = runner.invoke(app, ["bench", "mlp", "--repeat", "0"])
+    assert result.exit_code == 2 and "--repeat" in result.output
