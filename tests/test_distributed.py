@@ -161,3 +161,15 @@ def test_compile_without_a_compiler_is_refused(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr("shutil.which", lambda name: None)
     assert_one_line_error(run_cli("mlp", "--smoke", "--device", "cpu", "--compile", "--out", tmp_path),
                           "--compile", "C++ compiler")
+
+
+def test_bert_finetune_trains_with_two_processes_through_the_trainer(tmp_path: Path) -> None:
+    result = subprocess.run([DLNOTES, "run", "bert-finetune", "--smoke", "--device", "cpu", "--nproc", "2",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    run_dir = one_run(tmp_path, "bert-finetune")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # A 2-class loss near ln 2 = 0.69, as in one process: the Trainer must not scale it by the process count.
+    assert summary["metrics"]["train_loss"] < 0.75 and summary["metrics"]["test_loss"] < 0.75
+    assert (run_dir / "model" / "config.json").is_file()
+    assert result.stdout.count("bert-finetune finished") == 1

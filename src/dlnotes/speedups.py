@@ -79,6 +79,12 @@ def compile_model(model: Any, enabled: bool, device: Any) -> Any:
         return model
     import torch
 
+    check_compiler(device)
+    return torch.compile(model)
+
+
+def check_compiler(device: Any) -> None:
+    """torch.compile's backend for `device` can run here, or a UserError saying what is missing."""
     if device.type == "cuda" and importlib.util.find_spec("triton") is None:
         raise UserError("--compile on CUDA needs Triton (pip install triton); run without --compile.")
     if device.type == "cpu":
@@ -89,4 +95,3 @@ def compile_model(model: Any, enabled: bool, device: Any) -> Any:
             raise UserError("--compile on CPU needs a C++ compiler (g++ or clang++ on PATH); run without --compile.")
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--compile is not supported on {device.type} here; run without --compile.")
-    return torch.compile(model)
