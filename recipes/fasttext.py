@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dlnotes import distributed
 from dlnotes.catalog import recipe_id
 from dlnotes.checkpoint import load_checkpoint, load_weights, restore_config, save_checkpoint
 from dlnotes.datasets import batch_indices, epoch_generator
@@ -66,6 +67,7 @@ TAGS = ("text", "classification", "nlp")
 DATASET = "Rotten Tomatoes (English) | Chinese reviews (offline)"
 TARGET = ("test_acc", 0.76)  # Rotten Tomatoes; Chinese reviews reach about 0.86
 SMOKE = {"epochs": 1, "limit_batches": 20, "buckets": 1000}
+DISTRIBUTED = True  # dlnotes run fasttext --nproc N (gloo: sparse gradients)
 LANGUAGE = {"rotten-tomatoes": "English", "chinese-reviews": "Chinese"}
 
 
@@ -197,11 +199,12 @@ def small_sparse_steps(device: torch.device) -> Iterator[None]:
 def main(cfg: Config) -> dict[str, float]:
     from datasets import Dataset, disable_progress_bars
 
-    device = pick_device(cfg.device)
+    device = distributed.start(pick_device(cfg.device))  # under torchrun: join the other processes
     generator = seed_everything(cfg.seed)
     data = load_text_classification(cfg.dataset)
     run = Run(__file__, cfg, device)
-    print(f"data: {cfg.dataset} ({LANGUAGE[cfg.dataset]})  device: {device}  run: {run.dir}")
+    print(f"data: {cfg.dataset} ({LANGUAGE[cfg.dataset]})  device: {device}  processes: {run.world_size}  "
+          f"run: {run.dir}")
 
     # --- text pipeline: datasets' map tokenizes, then looks ids up ----------------------------------------
     def tokenize_batch(batch: dict) -> dict:
@@ -221,6 +224,7 @@ def main(cfg: Config) -> dict[str, float]:
           f"{cfg.buckets:,} buckets for 2- to {cfg.ngrams}-grams")
 
     model = FastText(len(vocab) + cfg.buckets, cfg.dim, len(data.label_names), cfg.pooling).to(device)
+    train_model = distributed.wrap(model)  # DDP all-reduces the sparse embedding gradients too (gloo only)
     optimizer = torch.optim.Adagrad(model.parameters(), lr=cfg.lr)  # handles the sparse embedding gradients
     steps_per_epoch = len(batch_indices(len(features["train"]), cfg.batch_size, limit=cfg.limit_batches))
     total_steps = cfg.epochs * steps_per_epoch
@@ -239,16 +243,19 @@ def main(cfg: Config) -> dict[str, float]:
             model.train()
             order = epoch_generator(cfg.seed, epoch)  # a function of (seed, epoch): a resumed epoch redraws it
             batches = batch_indices(len(features["train"]), cfg.batch_size, order, limit=cfg.limit_batches)
-            for idx in run.progress(batches, total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}"):
+            for batch in run.progress(batches, total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}"):
+                idx = distributed.shard(batch)  # this process's part of the global batch
                 ids, offsets = collate(features["train"], idx.tolist())
-                logits = model(ids.to(device), offsets.to(device))  # (B, C)
+                logits = train_model(ids.to(device), offsets.to(device))  # (B, C)
                 loss = F.cross_entropy(logits, labels["train"][idx].to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                run.update(len(idx), loss=loss.detach())
-            val_loss, val_acc, _ = evaluate(model, features["validation"], labels["validation"], device)
+                run.update(len(batch), loss=loss.detach())
+            # Rank 0 alone evaluates (the replicas hold the same weights) and tells the others the result.
+            val_loss, val_acc, _ = distributed.on_main(evaluate, model, features["validation"], labels["validation"],
+                                                       device)
             run.end_epoch(epoch, train_loss=run.epoch_mean("loss"), val_loss=val_loss, val_acc=val_acc)
             if val_acc > best_acc:  # keep the best epoch's weights (a copy: training goes on in place)
                 best_acc, best_state = val_acc, {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -256,8 +263,8 @@ def main(cfg: Config) -> dict[str, float]:
     model.load_state_dict(best_state)
 
     # --- evaluation, next to the traditional model ----------------------------------------------------------
-    test_loss, test_acc, predicted = evaluate(model, features["test"], labels["test"], device)
-    baseline = tfidf_svm(data.splits, cfg, train_size=steps_per_epoch * cfg.batch_size)  # as many texts
+    test_loss, test_acc, predicted = distributed.on_main(evaluate, model, features["test"], labels["test"], device)
+    baseline = distributed.on_main(tfidf_svm, data.splits, cfg, steps_per_epoch * cfg.batch_size)  # as many texts
     print(f"\n{'model':<16}{'val_acc':>9}{'test_acc':>10}{'train s':>9}")
     print(f"{'fasttext':<16}{best_acc:>9.4f}{test_acc:>10.4f}{train_s:>9.1f}")
     print(f"{'tf-idf + SVM':<16}{baseline['val_acc']:>9.4f}{baseline['test_acc']:>10.4f}{baseline['train_s']:>9.1f}")
