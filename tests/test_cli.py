@@ -224,3 +224,7 @@ def test_truncated_checkpoint(mlp_run: Path, tmp_path: Path) -> None:
     data = (broken / "checkpoint.pt").read_bytes()
     (broken / "checkpoint.pt").write_bytes(data[: len(data) // 2])
     assert_one_line_error(invoke("predict", "mlp", "--run", broken, "x.png"), "truncated or corrupt")
+
+
+def test_serve_refuses_an_unknown_device() -> None:
+    assert_one_line_error(invoke("serve", "--device", "tpu", "--port", "0"), "Unknown device 'tpu'")

@@ -241,11 +241,12 @@ def serve(
     port: int = typer.Option(8000, "--port", help="TCP port."),
     api_key: str = typer.Option("", "--api-key", envvar="DLNOTES_API_KEY",
                                 help="Require this bearer token (default: no key)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | mps"),
 ) -> None:
     """An OpenAI-compatible chat server (`/v1/models`, `/v1/chat/completions`) for a local model."""
     from dlnotes.serve import serve as run_server
 
-    run_server(model=model, host=host, port=port, api_key=api_key)
+    run_server(model=model, host=host, port=port, api_key=api_key, device=device)
 
 
 def main() -> None:
