@@ -46,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
 
+from dlnotes import distributed
 from dlnotes.catalog import recipe_id
 from dlnotes.checkpoint import load_checkpoint, load_weights, restore_config, save_checkpoint
 from dlnotes.datasets import epoch_generator
@@ -62,6 +63,7 @@ TAGS = ("text", "translation", "rnn", "attention")
 DATASET = "English-Spanish Bible verses (offline) | toy"
 TARGET = ("test_bleu", 15.0)  # sacreBLEU on held-out verses of at most 20 English words
 SMOKE = {"dataset": "toy", "epochs": 30, "batch_size": 2, "hidden": 64}
+DISTRIBUTED = True  # dlnotes run seq2seq --nproc N; the time budget follows rank 0's clock
 DATASETS = ("bible", "toy")
 SPECIALS = (PAD, UNK, BOS, EOS)  # ids 0..3 in both vocabularies
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(4)
@@ -315,7 +317,7 @@ def per_token_loop(model: Seq2Seq, data: list, cfg: Config, device: torch.device
 
 
 def main(cfg: Config) -> dict[str, float]:
-    device = pick_device(cfg.device)
+    device = distributed.start(pick_device(cfg.device))  # under torchrun: join the other processes
     generator = seed_everything(cfg.seed)
     pairs = load_pairs(cfg)
     run = Run(__file__, cfg, device)
@@ -330,9 +332,11 @@ def main(cfg: Config) -> dict[str, float]:
     train = encode_pairs(pairs["train"], src_vocab, tgt_vocab, cfg.max_len)
     val = encode_pairs(short["validation"], src_vocab, tgt_vocab, cfg.max_len)
     print(f"data: {cfg.dataset}, {len(train):,} training pairs of <= {cfg.max_len} tokens, "
-          f"vocabularies {len(src_vocab):,} English / {len(tgt_vocab):,} Spanish  device: {device}  run: {run.dir}")
+          f"vocabularies {len(src_vocab):,} English / {len(tgt_vocab):,} Spanish  device: {device}  "
+          f"processes: {run.world_size}  run: {run.dir}")
 
     model = Seq2Seq(len(src_vocab), len(tgt_vocab), cfg.hidden, cfg.dropout).to(device)
+    train_model = distributed.wrap(model)  # DDP with --nproc: the training step calls this one
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     steps_per_epoch = len(length_batches(train, cfg.batch_size, torch.Generator(), cfg.limit_batches))
     total_steps = cfg.epochs * steps_per_epoch
@@ -342,8 +346,11 @@ def main(cfg: Config) -> dict[str, float]:
     # first: a run cut short by a slow machine still ends on a decayed (settled) model.
     begin, budget_s = time.perf_counter(), 60 * cfg.time_budget_min
 
+    def elapsed() -> float:  # with several processes, all follow rank 0's clock: same learning rate, same stop
+        return distributed.rank_zero_value(time.perf_counter() - begin)
+
     def lr_factor(step: int) -> float:
-        return max(0.0, 1 - max(step / total_steps, (time.perf_counter() - begin) / budget_s))
+        return max(0.0, 1 - max(step / total_steps, elapsed() / budget_s))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     train_tokens, train_s, out_of_time = 0, 0.0, False
@@ -360,9 +367,10 @@ def main(cfg: Config) -> dict[str, float]:
         order = epoch_generator(cfg.seed, epoch)  # a function of (seed, epoch): a resumed epoch redraws it
         batches = length_batches(train, cfg.batch_size, order, cfg.limit_batches)
         started = time.perf_counter()
-        for idx in run.progress(batches, total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}"):
+        for batch in run.progress(batches, total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}"):
+            idx = distributed.shard(batch)  # this process's part of the global batch
             source, lengths, decoder_in, target = collate(train, idx, device)  # (B, S), (B,), (B, T), (B, T)
-            logits = model(source, lengths, decoder_in)  # (B, T, V): every position's next word at once
+            logits = train_model(source, lengths, decoder_in)  # (B, T, V): every position's next word at once
             loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=PAD_ID,
                                    label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
@@ -370,18 +378,21 @@ def main(cfg: Config) -> dict[str, float]:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             optimizer.step()
             scheduler.step()
-            tokens = sum(len(train[i][1]) + 1 for i in idx)  # target words + <eos>, counted on the CPU
+            tokens = sum(len(train[i][1]) + 1 for i in batch)  # target words + <eos>, counted on the CPU
             train_tokens += tokens
             run.update(tokens, loss=loss.detach())
-            if time.perf_counter() - begin > budget_s:
+            if elapsed() > budget_s:
                 out_of_time = True
                 break
         train_s += time.perf_counter() - started
-        val_loss = validation_loss(model, val, device)
-        val_out, _ = translate(model, [en for en, _ in short["validation"][:100]], src_vocab, tgt_vocab, cfg,
-                               device, beam=1)
-        run.end_epoch(epoch, train_loss=run.epoch_mean("loss"), val_loss=val_loss,
-                      val_bleu=bleu(val_out, [es for _, es in short["validation"][:100]]),
+
+        def validate() -> tuple[float, float]:  # loss and greedy BLEU of 100 held-out pairs
+            val_out, _ = translate(model, [en for en, _ in short["validation"][:100]], src_vocab, tgt_vocab, cfg,
+                                   device, beam=1)
+            return validation_loss(model, val, device), bleu(val_out, [es for _, es in short["validation"][:100]])
+
+        val_loss, val_bleu = distributed.on_main(validate)  # rank 0 alone evaluates; the others get the result
+        run.end_epoch(epoch, train_loss=run.epoch_mean("loss"), val_loss=val_loss, val_bleu=val_bleu,
                       tokens_per_s=train_tokens / train_s)
         if out_of_time:
             print(f"time budget of {cfg.time_budget_min} min reached in epoch {epoch}: stopping training")
@@ -389,8 +400,13 @@ def main(cfg: Config) -> dict[str, float]:
 
     # --- evaluation on held-out pairs -----------------------------------------------------------------------
     sources, references = [en for en, _ in short["test"]], [es for _, es in short["test"]]
-    greedy_out, attentions = translate(model, sources, src_vocab, tgt_vocab, cfg, device, beam=1)
-    beam_out, _ = translate(model, sources, src_vocab, tgt_vocab, cfg, device, beam=cfg.beam)
+
+    def test_translations() -> tuple:
+        greedy_out, attentions = translate(model, sources, src_vocab, tgt_vocab, cfg, device, beam=1)
+        beam_out, _ = translate(model, sources, src_vocab, tgt_vocab, cfg, device, beam=cfg.beam)
+        return greedy_out, attentions, beam_out
+
+    greedy_out, attentions, beam_out = distributed.on_main(test_translations)
     greedy_bleu, beam_bleu = bleu(greedy_out, references), bleu(beam_out, references)
     write_samples(run.dir / "samples.md", sources, references, greedy_out, beam_out, cfg.beam)
     shown = [n for n, en in enumerate(sources) if len(en.split()) <= 12][:3]
@@ -417,6 +433,7 @@ def validation_loss(model: Seq2Seq, data: list, device: torch.device, batch_size
     return total / max(count, 1)
 
 
+@distributed.main_rank_only
 def write_samples(path: Path, sources, references, greedy_out, beam_out, beam: int, count: int = 25) -> None:
     lines = ["# Held-out translations\n"]
     for n in range(min(count, len(sources))):

@@ -173,3 +173,13 @@ def test_bert_finetune_trains_with_two_processes_through_the_trainer(tmp_path: P
     assert summary["metrics"]["train_loss"] < 0.75 and summary["metrics"]["test_loss"] < 0.75
     assert (run_dir / "model" / "config.json").is_file()
     assert result.stdout.count("bert-finetune finished") == 1
+
+
+@pytest.mark.parametrize("recipe", ["fasttext", "seq2seq"])
+def test_text_recipes_train_with_two_processes_and_stay_in_sync(tmp_path: Path, recipe: str) -> None:
+    result = subprocess.run([DLNOTES, "run", recipe, "--smoke", "--device", "cpu", "--nproc", "2",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((one_run(tmp_path, recipe) / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["replica_max_difference"] == 0.0
+    assert result.stdout.count(f"{recipe} finished") == 1

@@ -171,3 +171,17 @@ def replica_difference(model: Any) -> float:
     difference = (mine - reference).abs().max().reshape(1)
     dist.all_reduce(difference, op=dist.ReduceOp.MAX)
     return float(difference.item())
+
+
+def rank_zero_value(value: float) -> float:
+    """Rank 0's number on every rank: a wall-clock reading that must be the same everywhere (a time budget
+    that sets the learning rate and the stop would otherwise differ per process and the replicas drift)."""
+    if not active():
+        return value
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    box = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(box, src=0)
+    return float(box.item())
