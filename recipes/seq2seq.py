@@ -31,6 +31,9 @@ greedy, still rising; the two Bible translations differ in style (Reina-Valera 1
 
 `--dataset toy` is the notes' example (`hello world -> bonjour monde` and a few more pairs), learned
 exactly in seconds. The default is English-Spanish Bible verses (World English Bible -> Reina-Valera 1909).
+
+`--nproc N` trains with N processes (DistributedDataParallel): each takes a slice of every batch, and all of
+them read rank 0's clock, so the time-budgeted learning rate and the stop are the same everywhere.
 """
 
 from __future__ import annotations
