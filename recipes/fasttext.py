@@ -34,6 +34,9 @@ FastText's features share a small dense space, and it gives probabilities.
 `--dataset rotten-tomatoes` trains on English movie-review snippets, `--dataset chinese-reviews` on Chinese
 product and hotel reviews. A run reads only the language it was trained on: `predict` refuses a text
 none of whose tokens the run has seen, and warns when fewer than half are known.
+
+`--nproc 2` trains with 2 processes (DistributedDataParallel over gloo, which, unlike nccl, all-reduces
+sparse gradients): each takes half of every batch. Measured here: the same test accuracy as one process.
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@ pixels belong together (the CNN recipe adds that); it still reaches about 97 % o
 `model.train()` / `model.eval()` switch dropout on and off: forgetting `eval()` makes held-out accuracy
 noisy and low. The same small random shifts and rotations as in cnn-mnist make up for having only
 8,500 training digits; a tiny model like this trains for many epochs in a few seconds.
+
+`--nproc 2` trains the same model with 2 processes (DistributedDataParallel): each computes the gradient
+of half of every batch and DDP averages them, so the steps equal one process's with the whole batch. A
+model this small gains nothing from it (the gradient exchange costs more than the half batch saves);
+it is the smallest place to see the mechanics.
 """
 
 from __future__ import annotations
