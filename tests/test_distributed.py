@@ -183,3 +183,22 @@ def test_text_recipes_train_with_two_processes_and_stay_in_sync(tmp_path: Path, 
     summary = json.loads((one_run(tmp_path, recipe) / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["replica_max_difference"] == 0.0
     assert result.stdout.count(f"{recipe} finished") == 1
+
+
+# --- on a GPU (skipped here) ----------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_cnn_on_cuda(smoke_run, precision: str) -> None:
+    metrics, run_dir = smoke_run("cnn-mnist", device="cuda", precision=precision, epochs=2, limit_batches=25)
+    assert metrics["test_acc"] > 0.5
+    assert json.loads((run_dir / "config.json").read_text())["config"]["precision"] == precision
+
+
+@pytest.mark.cuda
+def test_compiled_cnn_trains_on_cuda(tmp_path: Path) -> None:
+    result = subprocess.run([DLNOTES, "run", "cnn-mnist", "--epochs", "1", "--limit-batches", "4", "--device", "cuda",
+                             "--compile", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
