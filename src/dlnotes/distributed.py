@@ -71,11 +71,15 @@ def start(device: Any) -> Any:
     return device
 
 
-def stop() -> None:
-    """Leave the process group (launch does this after the recipe returns or fails)."""
+def stop(finished: bool = True) -> None:
+    """Leave the process group (launch does this after the recipe returns or fails). After a normal end every
+    rank first waits for the others: a rank that closed its connections while another still used them made
+    gloo abort that process (seen once in CI: "terminate called without an active exception")."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if finished and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -66,11 +66,16 @@ def execute(info: RecipeInfo, args: list[str], prog: str, module: ModuleType | N
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 alone prints; errors still reach stderr
         module = module or load_module(info)
         use_options(options)
+        finished = False
         try:
             module.main(build_config(module, values))
+            finished = True
+        except TrainingInterrupted:
+            finished = True  # every rank stopped after the same step
+            raise
         finally:
             use_options(RunOptions())  # the options belong to this launch only
-            distributed.stop()
+            distributed.stop(finished)
         return 0
     except TrainingInterrupted as stop:
         if distributed.is_main():
