@@ -125,10 +125,8 @@ def any_rank(flag: bool) -> bool:
     if not active():
         return flag
     import torch
-    import torch.distributed as dist
 
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    return bool(all_sum(torch.tensor([int(flag)], device=device)).item())
+    return bool(all_sum(torch.tensor([int(flag)], device=_collective_device())).item())
 
 
 def broadcast(value: Any) -> Any:
@@ -185,7 +183,14 @@ def rank_zero_value(value: float) -> float:
     import torch
     import torch.distributed as dist
 
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    box = torch.tensor([value], dtype=torch.float64, device=device)
+    box = torch.tensor([value], dtype=torch.float64, device=_collective_device())
     dist.broadcast(box, src=0)
     return float(box.item())
+
+
+def _collective_device() -> Any:
+    """Where a small tensor for a collective must live: nccl reduces GPU tensors only, gloo CPU ones."""
+    import torch
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
