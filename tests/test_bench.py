@@ -67,3 +67,7 @@ def test_bench_refuses_an_unknown_recipe_and_a_zero_repeat() -> None:
     assert_one_line_error(runner.invoke(app, ["bench", "no-such-recipe"]), "no-such-recipe")
     result = runner.invoke(app, ["bench", "mlp", "--repeat", "0"])
     assert result.exit_code == 2 and "--repeat" in result.output
+
+
+def test_bench_refuses_an_unknown_device() -> None:
+    assert_one_line_error(runner.invoke(app, ["bench", "mlp", "--device", "tpu"]), "Unknown device 'tpu'")

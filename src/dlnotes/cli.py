@@ -152,10 +152,10 @@ def bench(
 ) -> None:
     """Run recipes' default configurations: time to target, final metric, throughput, peak memory."""
     from dlnotes.bench import benchable, run_bench
+    from dlnotes.device import pick_device
 
     infos = benchable(recipes)
-    if device not in ("auto", "cpu", "cuda", "mps") and not device.startswith("cuda:"):
-        raise UserError(f"Unknown device '{device}': use one of auto, cpu, cuda, mps.")
+    pick_device(device)  # an unknown or absent device fails here, once, not in every worker
     folder, rows = run_bench(infos, repeat, device, out, report=lambda line: console().print(line, highlight=False))
     print("\n" + (folder / "bench.md").read_text())  # plain: a Markdown table must not be wrapped
     console().print(f"bench.json and bench.md in {folder}")
