@@ -151,7 +151,7 @@ def main(cfg: Config) -> dict[str, float]:
         # The order depends on (seed, epoch) only, so a run resumed mid-epoch redraws the same batches.
         order = epoch_generator(cfg.seed, epoch)
         batches = batch_indices(len(train_x), cfg.batch_size, order, limit=cfg.limit_batches)
-        for batch in run.progress(batches, total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}"):
+        for batch in run.steps(batches, total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}"):
             idx = distributed.shard(batch).to(device)  # this process's part of the global batch
             images, labels = train_x[idx], train_y[idx]  # (B, 1, 28, 28), (B,)
             if cfg.augment:

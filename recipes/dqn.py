@@ -242,7 +242,7 @@ def train(cfg: Config, device: torch.device) -> dict[str, float]:
     episode_return, solved, step = 0.0, False, start.step
     avg_return = float(np.mean(recent)) if recent else 0.0
     loss, loss_sum, loss_count = torch.zeros((), device=device), torch.zeros((), device=device), 0
-    for step in run.progress(range(1, cfg.total_steps + 1), total=cfg.total_steps, desc=cfg.env):
+    for step in run.steps(range(1, cfg.total_steps + 1), total=cfg.total_steps, desc=cfg.env):
         # act ε-greedily and store the transition
         eps = epsilon(step, cfg)
         action = int(rng.integers(n_actions)) if rng.random() < eps else int(greedy_actions(q, obs[None], device)[0])

@@ -246,7 +246,7 @@ def main(cfg: Config) -> dict[str, float]:
             model.train()
             order = epoch_generator(cfg.seed, epoch)  # a function of (seed, epoch): a resumed epoch redraws it
             batches = batch_indices(len(features["train"]), cfg.batch_size, order, limit=cfg.limit_batches)
-            for batch in run.progress(batches, total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}"):
+            for batch in run.steps(batches, total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}"):
                 idx = distributed.shard(batch)  # this process's part of the global batch
                 ids, offsets = collate(features["train"], idx.tolist())
                 logits = train_model(ids.to(device), offsets.to(device))  # (B, C)

@@ -370,7 +370,7 @@ def main(cfg: Config) -> dict[str, float]:
         order = epoch_generator(cfg.seed, epoch)  # a function of (seed, epoch): a resumed epoch redraws it
         batches = length_batches(train, cfg.batch_size, order, cfg.limit_batches)
         started = time.perf_counter()
-        for batch in run.progress(batches, total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}"):
+        for batch in run.steps(batches, total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}"):
             idx = distributed.shard(batch)  # this process's part of the global batch
             source, lengths, decoder_in, target = collate(train, idx, device)  # (B, S), (B,), (B, T), (B, T)
             logits = train_model(source, lengths, decoder_in)  # (B, T, V): every position's next word at once

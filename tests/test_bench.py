@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from dlnotes import catalog
 from dlnotes.bench import markdown_table, summarize, time_to_target
+from dlnotes.catalog import Target
 from dlnotes.cli import app
 
 runner = CliRunner()
@@ -36,10 +37,26 @@ def test_time_to_target_is_the_first_evaluation_that_meets_it(tmp_path: Path) ->
     rows = [{"epoch": 1, "test_acc": 0.5, "time_s": 2.0}, {"epoch": 2, "test_acc": 0.97, "time_s": 4.0},
             {"epoch": 3, "test_acc": 0.98, "time_s": 6.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert time_to_target(tmp_path, "test_acc", 0.96, {"test_acc": 0.98}, wall=7.0) == 4.0
-    assert time_to_target(tmp_path, "test_acc", 0.99, {"test_acc": 0.98}, wall=7.0) is None
+    assert time_to_target(tmp_path, Target("test_acc", 0.96), {"test_acc": 0.98}, wall=7.0) == 4.0
+    assert time_to_target(tmp_path, Target("test_acc", 0.99), {"test_acc": 0.98}, wall=7.0) is None
     # a metric that only the final evaluation reports: the whole run
-    assert time_to_target(tmp_path, "test_bleu", 15, {"test_bleu": 20.0}, wall=7.0) == 7.0
+    assert time_to_target(tmp_path, Target("test_bleu", 15), {"test_bleu": 20.0}, wall=7.0) == 7.0
+
+
+def test_time_to_a_lower_is_better_target(tmp_path: Path) -> None:
+    rows = [{"step": 100, "val_loss": 2.9, "time_s": 2.0}, {"step": 200, "val_loss": 1.7, "time_s": 4.0},
+            {"step": 300, "val_loss": 1.5, "time_s": 6.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert time_to_target(tmp_path, Target("val_loss", 1.6, "<="), {"val_loss": 1.5}, wall=7.0) == 6.0
+    assert time_to_target(tmp_path, Target("val_loss", 1.0, "<="), {"val_loss": 1.5}, wall=7.0) is None
+    assert time_to_target(tmp_path, Target("val_loss", 3.0, "<="), {"val_loss": 1.5}, wall=7.0) == 2.0
+
+
+def test_lower_is_better_targets_in_the_table(tmp_path: Path) -> None:
+    attempts = [{"metric": 1.5, "target_met": True, "wall_s": 9.0, "time_to_target_s": 6.0, "run_dir": "x"}]
+    row = summarize(catalog.get("mlp"), attempts) | {"recipe": "lm", "target": ["val_loss", 1.6, "<="]}
+    table = markdown_table([row], {"gpu": None, "cpu": "Some CPU", "cores": 2, "versions": {"torch": "2"}}, 1)
+    assert "| lm | val_loss ≤ 1.6 | 1.5000 | 1/1 |" in table
 
 
 def test_repeats_are_summarized_by_their_median_and_failures_are_kept() -> None:

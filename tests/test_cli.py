@@ -43,7 +43,7 @@ def test_list_shows_every_recipe_with_target() -> None:
     assert result.exit_code == 0
     rows = {row["id"]: row for row in json.loads(result.output)}
     assert {"tensor-ops", "mlp", "cnn-mnist"} <= set(rows)
-    assert rows["cnn-mnist"]["target"] == ["test_acc", 0.985]
+    assert rows["cnn-mnist"]["target"] == ["test_acc", 0.985, ">="]
     assert all(row["title"] and row["dataset"] for row in rows.values())
 
 

@@ -62,7 +62,7 @@ def run_bench(infos: list[catalog.RecipeInfo], repeat: int, device: str, out: Pa
             result = run_worker(info, device, folder, attempt)
             attempts.append(result)
             report(f"{info.id}: " + (f"failed: {result['error']}" if "error" in result else
-                                     f"{info.target[0]} {result['metric']:.4g} in {result['wall_s']:.0f} s"))
+                                     f"{info.target.metric} {result['metric']:.4g} in {result['wall_s']:.0f} s"))
         rows.append(summarize(info, attempts))
     machine = describe_machine(device)
     (folder / "bench.json").write_text(json.dumps({"machine": machine, "repeat": repeat, "recipes": rows}, indent=2))
@@ -93,17 +93,15 @@ def bench_worker() -> None:
     quiet_idle_threads()
     info = catalog.get(recipe)
     module = catalog.load_module(info)
-    values = {f.name: f.default for f in info.fields}
-    values.update({k: v for k, v in {"device": device, "out": runs}.items() if info.field(k)})
-    cfg = module.Config(**values)
+    cfg = module.Config(**catalog.config_values(info, device=device, out=runs))
     start = time.perf_counter()
     metrics = module.main(cfg)
     wall = time.perf_counter() - start
     run_dir = list_runs(Path(runs), info.id)[-1]
-    name, bound = info.target
+    target = info.target
     result: dict[str, Any] = {
-        "metric": float(metrics[name]), "target_met": bool(metrics[name] >= bound), "wall_s": wall,
-        "time_to_target_s": time_to_target(run_dir, name, bound, metrics, wall),
+        "metric": float(metrics[target.metric]), "target_met": target.met(float(metrics[target.metric])),
+        "wall_s": wall, "time_to_target_s": time_to_target(run_dir, target, metrics, wall),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux reports KiB
         "run_dir": str(run_dir),
     }
@@ -121,21 +119,23 @@ def bench_worker() -> None:
     Path(result_file).write_text(json.dumps(result))
 
 
-def time_to_target(run_dir: Path, name: str, bound: float, metrics: dict[str, float], wall: float) -> float | None:
+def time_to_target(run_dir: Path, target: catalog.Target, metrics: dict[str, float], wall: float) -> float | None:
     """Seconds into the run of the first logged evaluation that meets the target; the whole run when only the
     final metrics have it; None when it was never met."""
     path = run_dir / "metrics.jsonl"
     for line in path.read_text().splitlines() if path.is_file() else []:
         row = json.loads(line)
-        if isinstance(row.get(name), (int, float)) and row[name] >= bound and "time_s" in row:
+        value = row.get(target.metric)
+        if isinstance(value, (int, float)) and target.met(value) and "time_s" in row:
             return float(row["time_s"])
-    return wall if metrics.get(name, float("-inf")) >= bound else None
+    final = metrics.get(target.metric)
+    return wall if final is not None and target.met(float(final)) else None
 
 
 def summarize(info: catalog.RecipeInfo, attempts: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over the successful attempts; how many met the target; the errors of the others."""
     good = [a for a in attempts if "error" not in a]
-    row: dict[str, Any] = {"recipe": info.id, "target": list(info.target), "runs": len(attempts),
+    row: dict[str, Any] = {"recipe": info.id, "target": info.target.as_list(), "runs": len(attempts),
                            "met": sum(a["target_met"] for a in good), "errors": [a["error"] for a in attempts
                                                                                  if "error" in a]}
     for key in ("metric", "wall_s", "time_to_target_s", "throughput", "peak_rss_mib", "peak_cuda_mib", "ceiling",
@@ -177,14 +177,14 @@ def markdown_table(rows: list[dict[str, Any]], machine: dict[str, Any], repeat: 
              "| of training ceiling |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        name, bound = row["target"]
+        target = catalog.Target(*row["target"])
         throughput = f"{number(row['throughput'])} {row['throughput_unit']}" if row["throughput"] else "—"
         memory = number(row["peak_rss_mib"]) + (f" (+{number(row['peak_cuda_mib'])} GPU)" if row["peak_cuda_mib"]
                                                  else "")
         ceiling = (f"{row['ceiling_fraction']:.2f} of {number(row['ceiling'])} {row['throughput_unit']}"
                    if row["ceiling_fraction"] is not None else "—")
         met = f"{row['met']}/{row['runs']}" + (" (errors)" if row["errors"] else "")
-        lines.append(f"| {row['recipe']} | {name} ≥ {bound:g} | {number(row['metric'], 4)} | {met} | "
+        lines.append(f"| {row['recipe']} | {target} | {number(row['metric'], 4)} | {met} | "
                      f"{number(row['time_to_target_s'], 1)} | {number(row['wall_s'], 1)} | {throughput} | {memory} | "
                      f"{ceiling} |")
     return "\n".join(lines) + "\n"

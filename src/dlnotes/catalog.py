@@ -38,6 +38,35 @@ class FieldSpec:
 
 
 @dataclass(frozen=True)
+class Target:
+    """What a full default run must reach: `TARGET = ("test_acc", 0.985)` (higher is better, the default) or
+    `TARGET = ("val_loss", 1.6, "<=")` (lower is better)."""
+
+    metric: str
+    value: float
+    direction: str = ">="  # ">=": higher is better; "<=": lower is better
+
+    def __post_init__(self) -> None:
+        if self.direction not in (">=", "<="):
+            raise ValueError(f"TARGET direction must be '>=' or '<=', not {self.direction!r}")
+
+    def met(self, value: float) -> bool:
+        return value >= self.value if self.direction == ">=" else value <= self.value
+
+    def better(self, new: float, old: float | None) -> bool:
+        """`new` improves on `old` (None: nothing yet) in the target's direction."""
+        if old is None:
+            return True
+        return new > old if self.direction == ">=" else new < old
+
+    def __str__(self) -> str:
+        return f"{self.metric} {'≥' if self.direction == '>=' else '≤'} {self.value:g}"
+
+    def as_list(self) -> list[Any]:
+        return [self.metric, self.value, self.direction]
+
+
+@dataclass(frozen=True)
 class RecipeInfo:
     id: str
     path: Path
@@ -45,7 +74,7 @@ class RecipeInfo:
     notes: str
     tags: tuple[str, ...] = ()
     dataset: str = ""
-    target: tuple[str, float] | None = None
+    target: Target | None = None
     smoke: dict[str, Any] = field(default_factory=dict)
     fields: tuple[FieldSpec, ...] = ()
     can_predict: bool = False
@@ -99,7 +128,7 @@ def read_recipe(path: Path) -> RecipeInfo:
         notes=notes.strip(),
         tags=tuple(constants.get("TAGS", ())),
         dataset=constants.get("DATASET", ""),
-        target=(target[0], float(target[1])) if target else None,
+        target=Target(target[0], float(target[1]), *target[2:]) if target else None,
         smoke=dict(constants.get("SMOKE", {})),
         fields=tuple(_config_fields(tree, _line_comments(source))),
         can_predict="predict" in functions,
@@ -145,6 +174,15 @@ def _config_fields(tree: ast.Module, comments: dict[int, str]) -> list[FieldSpec
             )
         )
     return fields
+
+
+def config_values(info: RecipeInfo, smoke: bool = False, **overrides: Any) -> dict[str, Any]:
+    """A recipe's Config values: the defaults, then SMOKE (when `smoke`), then `overrides` for fields it has
+    (so `device="cpu", out=...` can be passed to every recipe)."""
+    values = {f.name: f.default for f in info.fields}
+    if smoke:
+        values |= info.smoke
+    return values | {k: v for k, v in overrides.items() if info.field(k)}
 
 
 def load_module(info: RecipeInfo) -> ModuleType:

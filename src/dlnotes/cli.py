@@ -52,7 +52,7 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _target_text(info: catalog.RecipeInfo) -> str:
-    return f"{info.target[0]} ≥ {info.target[1]}" if info.target else "—"
+    return str(info.target) if info.target else "—"
 
 
 @app.command("list")
@@ -64,7 +64,7 @@ def list_recipes(
     recipes = [r for r in catalog.all_recipes().values() if tag is None or tag in r.tags]
     if as_json:
         rows = [{"id": r.id, "title": r.title, "tags": list(r.tags), "dataset": r.dataset,
-                 "target": list(r.target) if r.target else None} for r in recipes]
+                 "target": r.target.as_list() if r.target else None} for r in recipes]
         print(json.dumps(rows, indent=2))
         return
     table = Table(title=f"{len(recipes)} recipes", title_justify="left")

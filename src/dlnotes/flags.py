@@ -7,7 +7,7 @@ catalog reads with `ast`, so asking for help never imports torch.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +51,13 @@ def require_positive(config: Any, *names: str) -> None:
         value = getattr(config, name)
         if not value > 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}.")
+
+
+def require_choice(config: Any, name: str, choices: Iterable[str]) -> None:
+    """Called from a Config's __post_init__: a `--dataset`-style field must be one of `choices`."""
+    value, allowed = getattr(config, name), tuple(choices)
+    if value not in allowed:
+        raise UserError(f"Unknown --{name.replace('_', '-')} '{value}': use one of {', '.join(allowed)}.")
 
 
 def build_command(info: RecipeInfo, prog: str) -> click.Command:

@@ -161,6 +161,15 @@ class Run:
         (self.dir / "metrics.jsonl").write_text("".join(line + "\n" for line in rows))
         self.history = [json.loads(line) for line in rows]
 
+    def record(self, key: str, value: Any) -> None:
+        """Add `value` (JSON-able) to config.json under `key`: which other run or which installed data a run used."""
+        if not self.is_main:
+            return
+        path = self.dir / "config.json"
+        saved = json.loads(path.read_text())
+        saved[key] = value
+        path.write_text(json.dumps(saved, indent=2))
+
     # --- resumable training ----------------------------------------------------------------------------------
 
     def attach(self, model: Any, optimizer: Any = None, scheduler: Any = None, generator: Any = None,
@@ -279,9 +288,9 @@ class Run:
         if not self._attached:
             return
         self.save_state()
-        if self.target and self.target[0] in metrics:
-            value = float(_plain(metrics[self.target[0]]))
-            if self._best is None or value > self._best:
+        if self.target and self.target.metric in metrics:
+            value = float(_plain(metrics[self.target.metric]))
+            if self.target.better(value, self._best):
                 self._best = value
                 self.save_state("best.pt")
 
@@ -311,9 +320,11 @@ class Run:
 
     # --- progress --------------------------------------------------------------------------------------------
 
-    def progress(self, iterable: Iterable[T], total: int, desc: str) -> Iterator[T]:
-        """Yield from `iterable`, showing progress: a live bar on a terminal, a line every few seconds otherwise.
-        Inside the loop call `run.update(samples, loss=loss)`; values are read only when shown."""
+    def steps(self, iterable: Iterable[T], total: int, desc: str) -> Iterator[T]:
+        """Yield from `iterable`, one training step each, showing progress: a live bar on a terminal, a line every
+        few seconds otherwise. Inside the loop call `run.update(samples, loss=loss)`; values are read only when
+        shown. Each step boundary is where a stop request (Ctrl-C) and --save-every act: the iterator may write a
+        checkpoint there and raise TrainingInterrupted."""
         self._samples, self._live = 0, {}
         done = self._skip
         iterable = self._skip_done(iterable)
@@ -421,9 +432,10 @@ class Run:
             self.close()
             return metrics
         met = None
-        if self.target and self.target[0] in metrics:
-            met = bool(metrics[self.target[0]] >= self.target[1])
-        summary = {"recipe": self.recipe, "metrics": metrics, "target": self.target, "target_met": met,
+        if self.target and self.target.metric in metrics:
+            met = self.target.met(float(metrics[self.target.metric]))
+        summary = {"recipe": self.recipe, "metrics": metrics,
+                   "target": self.target.as_list() if self.target else None, "target_met": met,
                    "wall_time_s": round(wall, 2), "device": self.device, **extra}
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self._write_curves()
@@ -432,8 +444,7 @@ class Run:
         for key, value in metrics.items():
             print(f"  {key:<16} {value:.4f}" if isinstance(value, float) else f"  {key:<16} {value}")
         if met is not None:
-            name, bound = self.target
-            print(f"  target           {name} >= {bound}: {'met' if met else 'NOT met'}")
+            print(f"  target           {self.target}: {'met' if met else 'NOT met'}")
         print(f"  run directory    {self.dir}")
         return metrics
 
