@@ -13,7 +13,7 @@ from types import ModuleType
 from typing import Any
 
 from dlnotes import distributed
-from dlnotes.catalog import RecipeInfo, load_module, read_recipe
+from dlnotes.catalog import RecipeInfo, load_module, read_module
 from dlnotes.errors import TrainingInterrupted, UserError
 from dlnotes.flags import RunOptions, parse_args
 from dlnotes.tracking import RESUMABLE_CHANGES, read_run_config, use_options
@@ -209,7 +209,13 @@ def strip_launch_flags(args: list[str]) -> list[str]:
 
 
 def cli(config_class: type, main: Callable[[Any], dict[str, float]]) -> None:
-    """`python recipe.py --flags`: the same flags as `dlnotes run`, for a recipe file run or copied on its own."""
+    """`python recipe.py --flags`: the same flags as `dlnotes run`, for a recipe file run or copied on its own.
+    The file is imported already, so its flags come from `config_class` itself (an edited copy may compute a
+    default, `lr: float = 3e-3 / 2`)."""
     module = sys.modules[main.__module__]
-    path = Path(module.__file__ or sys.argv[0])
-    sys.exit(execute(read_recipe(path), sys.argv[1:], prog=path.name, module=module))
+    try:
+        info = read_module(module, config_class)
+    except UserError as err:
+        print_error(str(err))
+        sys.exit(err.exit_code)
+    sys.exit(execute(info, sys.argv[1:], prog=info.path.name, module=module))
