@@ -136,3 +136,12 @@ def test_an_edited_copy_with_a_computed_default_runs_as_a_script(tmp_path: Path,
     assert run.returncode == 0, run.stderr
     config = json.loads((latest_run(tmp_path / "runs", "my") / "config.json").read_text())["config"]
     assert config["lr"] == 0.002
+
+
+@pytest.mark.parametrize("recipe", sorted(catalog.all_recipes()))
+def test_a_recipe_run_as_a_script_reads_what_the_catalog_reads(recipe: str) -> None:
+    """`python recipes/ID.py` (flags from the imported Config) and `dlnotes run ID` (flags read with ast) agree:
+    the same fields, types, defaults and help, the same TARGET, SMOKE and markers."""
+    info = catalog.get(recipe)
+    module = catalog.load_module(info)
+    assert catalog.read_module(module, module.Config) == info

@@ -111,8 +111,8 @@ def recipe_id(path: str | Path) -> str:
 def recipes_dir() -> Path:
     """`$DLNOTES_RECIPES` when set (a folder of recipe files read instead of the shipped ones); otherwise the
     recipes inside the wheel (`dlnotes/recipes/`), or the repo's `recipes/` in an editable install."""
-    if os.environ.get("DLNOTES_RECIPES"):
-        return Path(os.environ["DLNOTES_RECIPES"]).expanduser()
+    if folder := os.environ.get("DLNOTES_RECIPES"):
+        return Path(folder).expanduser()
     packaged = Path(__file__).parent / "recipes"
     if packaged.is_dir():
         return packaged

@@ -149,8 +149,8 @@ def smoke(
             start = time.perf_counter()
             try:
                 module = catalog.load_module(info)
-                metrics = module.main(build_config(module, catalog.config_values(info, smoke=True, device=device,
-                                                                                 out=out))) or {}
+                values = catalog.config_values(info, smoke=True, device=device, out=out)
+                metrics = module.main(build_config(module, values)) or {}
                 result, detail = "pass", ", ".join(f"{k}={v:.3g}" for k, v in metrics.items())
             except Exception as err:  # a smoke table reports every failure instead of stopping at the first
                 failed += 1
@@ -174,8 +174,9 @@ def bench(
     from dlnotes.device import pick_device
 
     infos = benchable(recipes)
-    for rid, why in catalog.unreadable().items() if not recipes else ():
-        console().print(f"note: skipped {rid}, unreadable: {why}", highlight=False)
+    if not recipes:
+        for rid, why in catalog.unreadable().items():
+            console().print(f"note: skipped {rid}, unreadable: {why}", highlight=False)
     pick_device(device)  # an unknown or absent device fails here, once, not in every worker
     folder, rows = run_bench(infos, repeat, device, out, report=lambda line: console().print(line, highlight=False))
     print("\n" + (folder / "bench.md").read_text())  # plain: a Markdown table must not be wrapped
