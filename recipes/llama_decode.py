@@ -152,7 +152,7 @@ def decode_step(model: Any, token: int, pos: int, cache: KVCache, cos: torch.Ten
 # --- running it, and checking it against transformers ---------------------------------------------------------
 
 
-def load_llama(cfg: Config, device: torch.device) -> Any:
+def load_llama(cfg: Config, device: torch.device) -> tuple[Any, Any]:
     """(tokenizer, model) in fp32 on `device`; a model this lesson does not cover is a one-line error."""
     if cfg.model == "tiny":
         from dlnotes.llm.tiny import tiny_model
