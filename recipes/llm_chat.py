@@ -154,7 +154,7 @@ def main(cfg: Config) -> dict[str, float]:
             api_key = cfg.api_key or os.environ.get("OPENAI_API_KEY") or "unused"
             where = base_url
         else:
-            from dlnotes.serve import BackgroundServer, load_engine
+            from dlnotes.llm.server import BackgroundServer, load_engine
 
             engine = load_engine(cfg.model, cfg.device, tiny=cfg.tiny)
             api_key = cfg.api_key or secrets.token_urlsafe(16)  # nobody else on this machine can use our server

@@ -1,4 +1,5 @@
-"""Time greedy decoding of SmolLM2-135M-Instruct on this machine, without HTTP: the numbers in llm.py's docstring.
+"""Time greedy decoding of SmolLM2-135M-Instruct on this machine, without HTTP: the numbers in the README's
+"Measured" table.
 
     .venv/bin/python scripts/bench_llm.py                 through the server's Engine (sampling, detokenizing)
     .venv/bin/python scripts/bench_llm.py --raw           decoder.prefill / decoder.step alone, argmax
@@ -34,17 +35,19 @@ def main() -> None:
 
     import torch
 
-    from dlnotes import llm
-    from dlnotes.serve import ChatRequest, Engine
+    from dlnotes.llm.decoders import HFDecoder, LlamaDecoder
+    from dlnotes.llm.engine import Engine
+    from dlnotes.llm.models import load
+    from dlnotes.llm.schema import ChatRequest
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    loaded = llm.load("", "cpu")
+    loaded = load("", "cpu")
     print(f"model loaded in {time.perf_counter() - start:.1f} s", flush=True)
     start = time.perf_counter()
     engine = Engine(loaded)
     if args.hf or args.eager:
-        engine.decoder = llm.HFDecoder(loaded.model) if args.hf else llm.LlamaDecoder(loaded.model, compile=False)
+        engine.decoder = HFDecoder(loaded.model) if args.hf else LlamaDecoder(loaded.model, compile=False)
     print(f"{type(engine.decoder).__name__} ready in {time.perf_counter() - start:.1f} s", flush=True)
     req = ChatRequest(messages=[{"role": "user", "content": args.prompt}], max_tokens=args.tokens, temperature=0)
     ids, budget = engine.check_budget(req)

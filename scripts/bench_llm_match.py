@@ -31,10 +31,12 @@ def main() -> None:
 
     import torch
 
-    from dlnotes import llm
-    from dlnotes.serve import ChatRequest, Engine
+    from dlnotes.llm.decoders import HFDecoder, LlamaDecoder
+    from dlnotes.llm.engine import Engine
+    from dlnotes.llm.models import load
+    from dlnotes.llm.schema import ChatRequest
 
-    def greedy(decoder: llm.LlamaDecoder | llm.HFDecoder, ids: list[int], eos: set[int]) -> list[int]:
+    def greedy(decoder: LlamaDecoder | HFDecoder, ids: list[int], eos: set[int]) -> list[int]:
         out: list[int] = []
         logits = decoder.prefill(ids, max_len=len(ids) + args.tokens)
         while len(out) < args.tokens and (token := int(logits.argmax())) not in eos:
@@ -42,10 +44,10 @@ def main() -> None:
             logits = decoder.step(token)
         return out
 
-    loaded = llm.load("", "cpu")
+    loaded = load("", "cpu")
     engine = Engine(loaded)
     if args.eager:
-        engine.decoder = llm.LlamaDecoder(loaded.model, compile=False)
+        engine.decoder = LlamaDecoder(loaded.model, compile=False)
     total = agree = 0
     for prompt in PROMPTS:
         req = ChatRequest(messages=[{"role": "user", "content": prompt}], max_tokens=args.tokens, temperature=0)

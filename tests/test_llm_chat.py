@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from dlnotes import catalog
 from dlnotes.cli import app
-from dlnotes.serve import BackgroundServer, load_engine
+from dlnotes.llm.server import BackgroundServer, load_engine
 
 runner = CliRunner()
 

@@ -24,9 +24,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dlnotes import llm
 from dlnotes.cli import app
-from dlnotes.serve import BackgroundServer, ChatRequest, Detokenizer, load_engine
+from dlnotes.llm.decoders import HFDecoder, LlamaDecoder
+from dlnotes.llm.sampling import Detokenizer
+from dlnotes.llm.schema import ChatRequest
+from dlnotes.llm.server import BackgroundServer, load_engine
+from dlnotes.llm.tiny import tiny_model
 
 KEY = "test-key"
 HELLO = [{"role": "user", "content": "Hello! 🤖 Comment ça va?"}]
@@ -169,9 +172,9 @@ def test_hand_written_llama_step_gives_transformers_logits(compiled: bool) -> No
     transformers' own fp32 forward, through the prompt and several generated tokens."""
     if compiled and shutil.which("g++") is None:
         pytest.skip("torch.compile needs a C++ compiler")
-    tiny = llm.tiny_model()
+    tiny = tiny_model()
     ids = tiny.tokenizer("Hello! 🤖 Comment ça va?")["input_ids"]
-    reference, ours = llm.HFDecoder(tiny.model), llm.LlamaDecoder(tiny.model, compile=compiled)
+    reference, ours = HFDecoder(tiny.model), LlamaDecoder(tiny.model, compile=compiled)
     assert ours.compiled == compiled
     with torch.inference_mode():
         expected, got = reference.prefill(ids, len(ids) + 8), ours.prefill(ids, len(ids) + 8)
@@ -192,13 +195,13 @@ def test_decoder_runs_eagerly_when_compiling_fails(monkeypatch: pytest.MonkeyPat
         return compiled
 
     monkeypatch.setattr(torch, "compile", compile_that_fails)
-    tiny = llm.tiny_model()
-    decoder = llm.LlamaDecoder(tiny.model)
+    tiny = tiny_model()
+    decoder = LlamaDecoder(tiny.model)
     assert not decoder.compiled
     assert "torch.compile failed (CppCompileError: no C++ compiler found)" in capsys.readouterr().err
     ids = tiny.tokenizer("Hello there")["input_ids"]
     with torch.inference_mode():
-        expected = llm.HFDecoder(tiny.model).prefill(ids, len(ids) + 1)
+        expected = HFDecoder(tiny.model).prefill(ids, len(ids) + 1)
         torch.testing.assert_close(decoder.prefill(ids, len(ids) + 1), expected)
         assert decoder.step(int(expected.argmax())).isfinite().all()  # the eager step, on (N, K) rows again
 
@@ -212,7 +215,7 @@ def test_the_transformers_path_serves_the_same_greedy_reply(engine) -> None:
         return "".join(p.text for p in engine.generate(req, ids, budget, threading.Event()))
 
     fast = reply()
-    hand_written, engine.decoder = engine.decoder, llm.HFDecoder(engine.loaded.model)
+    hand_written, engine.decoder = engine.decoder, HFDecoder(engine.loaded.model)
     try:
         assert reply() == fast
     finally:
@@ -346,4 +349,4 @@ def test_smollm2_answers_a_question() -> None:
         got = [int(real.decoder.prefill(ids, max_len=len(ids) + 60).argmax())]
         while len(got) < len(expected):
             got.append(int(real.decoder.step(got[-1]).argmax()))
-    assert isinstance(real.decoder, llm.LlamaDecoder) and got == expected
+    assert isinstance(real.decoder, LlamaDecoder) and got == expected

@@ -266,7 +266,7 @@ def serve(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | mps"),
 ) -> None:
     """An OpenAI-compatible chat server (`/v1/models`, `/v1/chat/completions`) for a local model."""
-    from dlnotes.serve import serve as run_server
+    from dlnotes.llm.server import serve as run_server
 
     run_server(model=model, host=host, port=port, api_key=api_key, device=device)
 

@@ -1,0 +1,14 @@
+"""Local chat models and the OpenAI-compatible server of `dlnotes serve`, one job per module.
+
+    models     where a model is, how it loads, the cached conversion of a GGUF file
+    tiny       a tiny random llama with its own tokenizer, for tests and smoke runs
+    decoders   the forward passes: the prompt once, then one token per step (the hand-written llama step)
+    sampling   logits -> a token, tokens -> text as they come, stop strings
+    engine     the decoding loop behind a lock: a request -> pieces of text
+    schema     the HTTP request, OpenAI's error shape, usage
+    app        the FastAPI routes, streaming as server-sent events
+    server     `dlnotes serve` and BackgroundServer: bind, load, run, stop
+
+The same llama decoding step, written for reading rather than speed, is the recipe `llama-decode`.
+Importing the package imports nothing; each module is imported where it is used.
+"""
