@@ -300,7 +300,7 @@ def train(cfg: Config, device: torch.device) -> dict[str, float]:
 # --- using the trained policy -----------------------------------------------------------------------------
 
 
-def predict(run_dir: str | Path, inputs: list[str], episodes: int = 10, gif: str = "") -> list[dict]:
+def predict(run_dir: str | Path, inputs: tuple[str, ...] = (), episodes: int = 10, gif: str = "") -> list[dict]:
     """Play greedy episodes with a trained Q-network: mean ± std return. Inputs are environment ids with the
     same observation and actions (default: the run's own); the episodes use the seeds of the run's own
     evaluation, so `--episodes 100` reproduces its eval_return. `--gif FILE` records the first episode."""

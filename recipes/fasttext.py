@@ -288,7 +288,14 @@ def predict(run_dir: str | Path, inputs: list[str]) -> list[dict]:
     state = load_checkpoint(run_dir, recipe_id(__file__))
     cfg = restore_config(Config, state)
     vocab, classes = Vocab(state["vocab"]), state["classes"]
-    model = FastText(len(vocab) + cfg.buckets, cfg.dim, len(classes), cfg.pooling)
+    rows = len(vocab) + cfg.buckets
+    # The checkpoint's config is data, not trust: sizes that disagree with the saved weights are refused
+    # before the model allocates them (a doctored `buckets` could ask for terabytes).
+    saved = tuple(getattr(state["model"].get("embedding.weight"), "shape", ()))
+    if saved != (rows, cfg.dim):
+        raise UserError(f"{run_dir}: the checkpoint's config asks for a {rows:,} x {cfg.dim} embedding, but its "
+                        f"weights are {saved}; not loading it.")
+    model = FastText(rows, cfg.dim, len(classes), cfg.pooling)
     load_weights(model, state)
     model.eval()
     if not inputs:

