@@ -65,6 +65,7 @@ DATASET = "none (a random tiny llama, or SmolLM2-135M-Instruct from the llm-smol
 TARGET = ("max_logit_error", 1e-3, "<=")  # fp32 both ways, only the order of additions differs: rounding stays
 # well below this even through SmolLM2's 30 layers, and one wrong detail (RoPE left out) lands well above it
 SMOKE = {"tokens": 3}
+TRAINS = False  # checks one decode step against transformers, trains nothing: no --resume/--save-every/--keep
 
 
 @dataclass

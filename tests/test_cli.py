@@ -73,10 +73,10 @@ def test_run_help_lists_config_flags_with_defaults(invoke) -> None:
 
 
 def test_recipes_that_train_nothing_offer_no_resume_flags(invoke) -> None:
-    """TRAINS = False (tensor-ops, llm-chat): no checkpoints, so no --resume/--save-every/--keep."""
-    assert not catalog.get("tensor-ops").trains and not catalog.get("llm-chat").trains
+    """TRAINS = False (tensor-ops, llm-chat, llama-decode): no checkpoints, so no --resume/--save-every/--keep."""
+    assert not any(catalog.get(r).trains for r in ("tensor-ops", "llm-chat", "llama-decode"))
     assert catalog.get("mlp").trains
-    for recipe in ("tensor-ops", "llm-chat"):
+    for recipe in ("tensor-ops", "llm-chat", "llama-decode"):
         result = invoke("run", recipe, "--help")
         assert result.exit_code == 0 and "--smoke" in result.output
         assert not any(flag in result.output for flag in ("--resume", "--save-every", "--keep"))
