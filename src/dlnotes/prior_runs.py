@@ -22,6 +22,7 @@ A run directory the user names (say `--judge-run DIR`) is checked with `given_ru
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -32,6 +33,10 @@ from typing import Any
 
 from dlnotes import catalog, distributed
 from dlnotes.errors import TrainingInterrupted, UserError
+
+# torchrun's variables: a child started from a worker must train alone, not try to join the worker's group.
+TORCHRUN_ENV = frozenset({"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                          "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"})
 
 
 @dataclass(frozen=True)
@@ -79,8 +84,11 @@ def newest_met_run(out: str | Path, recipe: str) -> UsedRun | None:
 def met_run_or_train(recipe: str, out: str | Path, device: str = "auto") -> UsedRun:
     """The newest run of `recipe` under `out` that met its target; when there is none, train one with the
     recipe's defaults first (in a child process, printing its progress), then check that it met its target.
-    In a multi-process run, rank 0 finds or trains and the other ranks receive its answer."""
-    if distributed.active() and not distributed.is_main():
+    In a multi-process run, rank 0 finds or trains and the other ranks wait for its answer (call it after
+    `distributed.start`; the others' wait is bounded by the process group's timeout)."""
+    if distributed.world_size() > 1 and not distributed.active():
+        raise RuntimeError("met_run_or_train in a multi-process run: call it after distributed.start()")
+    if not distributed.is_main():
         return distributed.broadcast(None)
     used = newest_met_run(out, recipe)
     if used is None:
@@ -117,7 +125,8 @@ def _train_with_defaults(recipe: str, out: Path, device: str) -> UsedRun:
     command = [sys.executable, str(info.path), "--out", str(out)]
     if info.field("device") is not None:
         command += ["--device", device]
-    code = _run_child(command)
+    code = _run_child(command, {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV
+                                and not k.startswith("TORCHELASTIC_")})
     if code == TrainingInterrupted.exit_code:
         raise TrainingInterrupted(f"Stopped while training {recipe} first; run the same command again to "
                                   f"train it anew, or resume that run as printed above and then run this again.")
@@ -131,15 +140,15 @@ def _train_with_defaults(recipe: str, out: Path, device: str) -> UsedRun:
     return UsedRun(used.recipe, used.dir, used.metric, used.value, used.target_met, trained_now=True)
 
 
-def _run_child(command: list[str]) -> int:
+def _run_child(command: list[str], env: dict[str, str]) -> int:
     """Run `command` with this terminal. A Ctrl-C reaches the child from the terminal (the same process group);
     it stops after its step and saves, so meanwhile this process waits for it instead of abandoning it. (A
     no-op handler, not SIG_IGN: an ignored signal would stay ignored in the child.)"""
     if threading.current_thread() is not threading.main_thread():
-        return subprocess.call(command)
+        return subprocess.call(command, env=env)
     previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
     try:
-        return subprocess.call(command)
+        return subprocess.call(command, env=env)
     finally:
         signal.signal(signal.SIGINT, previous)
 
