@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from dlnotes import distributed
 from dlnotes.catalog import recipe_id
 from dlnotes.checkpoint import load_checkpoint, load_weights, restore_config, save_checkpoint
-from dlnotes.datasets import batch_indices, epoch_generator, load_image_dataset
+from dlnotes.datasets import IMAGE_DATASETS, batch_indices, epoch_generator, load_image_dataset
 from dlnotes.device import pick_device, seed_everything
-from dlnotes.flags import require_positive
+from dlnotes.flags import require_choice, require_positive
 from dlnotes.images import read_image_like_mnist
 from dlnotes.launch import cli
 from dlnotes.plots import plot_image_grid
@@ -79,6 +79,7 @@ class Config:
 
     def __post_init__(self) -> None:
         require_positive(self, "epochs", "batch_size", "lr")
+        require_choice(self, "dataset", IMAGE_DATASETS)
 
 
 # --- model ------------------------------------------------------------------------------------------------

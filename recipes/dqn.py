@@ -45,7 +45,7 @@ from dlnotes.catalog import recipe_id
 from dlnotes.checkpoint import load_checkpoint, load_weights, restore_config, save_checkpoint
 from dlnotes.device import cpu_threads, pick_device, seed_everything
 from dlnotes.errors import UserError
-from dlnotes.flags import require_positive
+from dlnotes.flags import require_choice, require_positive
 from dlnotes.launch import cli
 from dlnotes.rl import make_env, plot_returns, save_gif
 from dlnotes.tracking import Run
@@ -86,8 +86,7 @@ class Config:
     def __post_init__(self) -> None:
         require_positive(self, "total_steps", "hidden", "lr", "batch_size", "buffer_size", "train_every", "tau",
                          "target_every", "max_grad_norm", "eps_steps", "eval_every", "eval_episodes", "solve_episodes")
-        if self.loss not in ("huber", "mse"):
-            raise UserError(f"--loss must be huber or mse, got '{self.loss}'.")
+        require_choice(self, "loss", ("huber", "mse"))
         if not (0 <= self.eps_end <= self.eps_start <= 1 and 0 < self.gamma <= 1 and self.tau <= 1):
             raise UserError("Need 0 <= --eps-end <= --eps-start <= 1, 0 < --gamma <= 1 and --tau <= 1.")
 

@@ -59,7 +59,7 @@ from dlnotes.checkpoint import load_checkpoint, load_weights, restore_config, sa
 from dlnotes.datasets import batch_indices, epoch_generator
 from dlnotes.device import cpu_threads, pick_device, seed_everything
 from dlnotes.errors import UserError
-from dlnotes.flags import require_positive
+from dlnotes.flags import require_choice, require_positive
 from dlnotes.launch import cli
 from dlnotes.plots import plot_confusion_matrix
 from dlnotes.text import Vocab, char_tokens, word_tokens
@@ -93,10 +93,8 @@ class Config:
     out: str = "runs"  # run directories go under OUT/fasttext/
 
     def __post_init__(self) -> None:
-        if self.dataset not in TEXT_CLASSIFICATION:
-            raise UserError(f"Unknown --dataset '{self.dataset}': use one of {', '.join(TEXT_CLASSIFICATION)}.")
-        if self.pooling not in ("sqrt", "mean"):
-            raise UserError(f"Unknown --pooling '{self.pooling}': use sqrt or mean.")
+        require_choice(self, "dataset", TEXT_CLASSIFICATION)
+        require_choice(self, "pooling", ("sqrt", "mean"))
         if self.ngrams == 0:  # resolved here, so config.json and the checkpoint record the value used
             self.ngrams = 3 if self.dataset == "chinese-reviews" else 2
         require_positive(self, "epochs", "batch_size", "lr", "dim", "ngrams", "buckets", "min_count", "max_tokens",

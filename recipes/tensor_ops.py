@@ -35,6 +35,7 @@ from dlnotes.launch import cli
 TAGS = ("basics", "tensors")
 DATASET = "random tensors"
 SMOKE = {"batch": 2, "seq_len": 3, "features": 4}
+TRAINS = False  # checks shapes, trains nothing: no --resume/--save-every/--keep
 
 
 @dataclass

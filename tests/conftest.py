@@ -74,10 +74,25 @@ def smoke_run(out_dir: Path):
     def run(recipe: str, **overrides: object) -> tuple[dict[str, float], Path]:
         info = catalog.get(recipe)
         module = catalog.load_module(info)
-        values = {f.name: f.default for f in info.fields} | info.smoke
-        values |= {k: v for k, v in {"device": "cpu", "out": str(out_dir)}.items() if info.field(k)}
-        metrics = module.main(module.Config(**(values | overrides)))
+        values = catalog.config_values(info, smoke=True, device="cpu", out=str(out_dir))
+        metrics = module.main(module.Config(**(values | overrides)))  # a misspelt override fails here
         return metrics, latest_run(out_dir, info.id) if info.field("out") else out_dir
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def invoke():
+    """The `dlnotes` CLI in-process through Typer's runner: `invoke("run", "mlp", "--out", tmp_path)` (paths and
+    numbers become strings); `env={...}` sets environment variables for that call only."""
+    from typer.testing import CliRunner
+
+    from dlnotes.cli import app
+
+    runner = CliRunner()
+
+    def run(*args: object, env: dict[str, str] | None = None):
+        return runner.invoke(app, [str(a) for a in args], env=env)
 
     return run
 

@@ -6,18 +6,14 @@ import json
 from pathlib import Path
 
 from conftest import assert_one_line_error
-from typer.testing import CliRunner
 
 from dlnotes import catalog
 from dlnotes.bench import markdown_table, summarize, time_to_target
 from dlnotes.catalog import Target
-from dlnotes.cli import app
-
-runner = CliRunner()
 
 
-def test_bench_runs_mlp_by_default_settings_and_writes_json_and_a_table(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["bench", "mlp", "--device", "cpu", "--out", str(tmp_path)])
+def test_bench_runs_mlp_by_default_settings_and_writes_json_and_a_table(tmp_path: Path, invoke) -> None:
+    result = invoke("bench", "mlp", "--device", "cpu", "--out", tmp_path)
     assert result.exit_code == 0, result.output
     folder = next((tmp_path / "bench").iterdir())
     report = json.loads((folder / "bench.json").read_text())
@@ -76,15 +72,15 @@ def test_cnn_training_ceiling_is_a_positive_rate() -> None:
     assert module.training_ceiling(module.Config(device="cpu", batch_size=16), seconds=0.3) > 0
 
 
-def test_bench_refuses_a_recipe_without_a_target() -> None:
-    assert_one_line_error(runner.invoke(app, ["bench", "tensor-ops"]), "tensor-ops", "no TARGET")
+def test_bench_refuses_a_recipe_without_a_target(invoke) -> None:
+    assert_one_line_error(invoke("bench", "tensor-ops"), "tensor-ops", "no TARGET")
 
 
-def test_bench_refuses_an_unknown_recipe_and_a_zero_repeat() -> None:
-    assert_one_line_error(runner.invoke(app, ["bench", "no-such-recipe"]), "no-such-recipe")
-    result = runner.invoke(app, ["bench", "mlp", "--repeat", "0"])
+def test_bench_refuses_an_unknown_recipe_and_a_zero_repeat(invoke) -> None:
+    assert_one_line_error(invoke("bench", "no-such-recipe"), "no-such-recipe")
+    result = invoke("bench", "mlp", "--repeat", "0")
     assert result.exit_code == 2 and "--repeat" in result.output
 
 
-def test_bench_refuses_an_unknown_device() -> None:
-    assert_one_line_error(runner.invoke(app, ["bench", "mlp", "--device", "tpu"]), "Unknown device 'tpu'")
+def test_bench_refuses_an_unknown_device(invoke) -> None:
+    assert_one_line_error(invoke("bench", "mlp", "--device", "tpu"), "Unknown device 'tpu'")

@@ -6,28 +6,22 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import assert_one_line_error
-from typer.testing import CliRunner
 
 from dlnotes import catalog
-from dlnotes.cli import app
+from dlnotes.checkpoint import save_checkpoint
 from dlnotes.tracking import latest_run
 
-runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
 
 
-def invoke(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-
 @pytest.fixture(scope="module")
-def mlp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def mlp_run(tmp_path_factory: pytest.TempPathFactory, invoke) -> Path:
     """One short, real mlp run shared by the predict tests."""
     out = tmp_path_factory.mktemp("runs")
     result = invoke("run", "mlp", "--smoke", "--device", "cpu", "--out", out)
@@ -38,7 +32,7 @@ def mlp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --- the verbs ---------------------------------------------------------------------------------------------
 
 
-def test_list_shows_every_recipe_with_target() -> None:
+def test_list_shows_every_recipe_with_target(invoke) -> None:
     result = invoke("list", "--json")
     assert result.exit_code == 0
     rows = {row["id"]: row for row in json.loads(result.output)}
@@ -47,7 +41,7 @@ def test_list_shows_every_recipe_with_target() -> None:
     assert all(row["title"] and row["dataset"] for row in rows.values())
 
 
-def test_list_filters_by_tag() -> None:
+def test_list_filters_by_tag(invoke) -> None:
     rows = json.loads(invoke("list", "--tag", "cnn", "--json").output)
     assert [row["id"] for row in rows] == ["cnn-mnist"]
 
@@ -63,14 +57,14 @@ def test_list_as_a_real_subprocess_does_not_import_torch() -> None:
     assert result.returncode == 0 and "tensor-ops" in result.stdout, result.stderr
 
 
-def test_show_prints_notes_and_source() -> None:
+def test_show_prints_notes_and_source(invoke) -> None:
     result = invoke("show", "cnn-mnist")
     assert result.exit_code == 0
     assert "(B, 64, 7, 7)" in result.output and "class SimpleCNN" in result.output
     assert "class SimpleCNN" not in invoke("show", "cnn-mnist", "--no-code").output
 
 
-def test_run_help_lists_config_flags_with_defaults() -> None:
+def test_run_help_lists_config_flags_with_defaults(invoke) -> None:
     result = invoke("run", "cnn-mnist", "--help")
     assert result.exit_code == 0
     for flag in ("--epochs", "--batch-size", "--lr", "--device", "--seed", "--out", "--smoke", "--data-dir"):
@@ -78,20 +72,32 @@ def test_run_help_lists_config_flags_with_defaults() -> None:
     assert "[default: 8]" in result.output
 
 
-def test_run_smoke_prints_summary_with_target_and_run_dir(tmp_path: Path) -> None:
+def test_recipes_that_train_nothing_offer_no_resume_flags(invoke) -> None:
+    """TRAINS = False (tensor-ops, llm-chat): no checkpoints, so no --resume/--save-every/--keep."""
+    assert not catalog.get("tensor-ops").trains and not catalog.get("llm-chat").trains
+    assert catalog.get("mlp").trains
+    for recipe in ("tensor-ops", "llm-chat"):
+        result = invoke("run", recipe, "--help")
+        assert result.exit_code == 0 and "--smoke" in result.output
+        assert not any(flag in result.output for flag in ("--resume", "--save-every", "--keep"))
+    assert_one_line_error(invoke("run", "tensor-ops", "--resume", "runs/x"), "No such option '--resume'")
+    assert "--resume" in invoke("run", "mlp", "--help").output
+
+
+def test_run_smoke_prints_summary_with_target_and_run_dir(tmp_path: Path, invoke) -> None:
     result = invoke("run", "cnn-mnist", "--smoke", "--device", "cpu", "--out", tmp_path)
     assert result.exit_code == 0, result.output
     assert "test_acc" in result.output and "target" in result.output
     assert str(latest_run(tmp_path, "cnn-mnist")) in result.output
 
 
-def test_smoke_verb_prints_a_table_and_passes() -> None:
+def test_smoke_verb_prints_a_table_and_passes(invoke) -> None:
     result = invoke("smoke", "tensor-ops", "mlp")
     assert result.exit_code == 0, result.output
     assert result.output.count("pass") == 2
 
 
-def test_smoke_verb_exits_nonzero_when_a_recipe_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_smoke_verb_exits_nonzero_when_a_recipe_fails(monkeypatch: pytest.MonkeyPatch, invoke) -> None:
     module = catalog.load_module(catalog.get("tensor-ops"))
 
     def broken(cfg):
@@ -102,7 +108,7 @@ def test_smoke_verb_exits_nonzero_when_a_recipe_fails(monkeypatch: pytest.Monkey
     assert result.exit_code == 1 and "FAIL" in result.output and "boom" in result.output
 
 
-def test_cp_copy_runs_on_its_own(tmp_path: Path) -> None:
+def test_cp_copy_runs_on_its_own(tmp_path: Path, invoke) -> None:
     result = invoke("cp", "mlp", tmp_path)
     assert result.exit_code == 0, result.output
     copy = tmp_path / "mlp.py"
@@ -114,7 +120,7 @@ def test_cp_copy_runs_on_its_own(tmp_path: Path) -> None:
     assert_one_line_error(invoke("cp", "mlp", tmp_path), "exists")
 
 
-def test_predict_prints_top3_per_image(mlp_run: Path, tmp_path: Path) -> None:
+def test_predict_prints_top3_per_image(mlp_run: Path, tmp_path: Path, invoke) -> None:
     from PIL import Image
 
     image = tmp_path / "seven.png"
@@ -125,8 +131,8 @@ def test_predict_prints_top3_per_image(mlp_run: Path, tmp_path: Path) -> None:
     assert line.startswith(f"{image}:") and len(line.split(":")[1].split()) == 6
 
 
-def test_runs_lists_finished_runs(mlp_run: Path) -> None:
-    result = runner.invoke(app, ["runs", "mlp", "--out", str(mlp_run.parents[1])], env={"COLUMNS": "300"})
+def test_runs_lists_finished_runs(mlp_run: Path, invoke) -> None:
+    result = invoke("runs", "mlp", "--out", mlp_run.parents[1], env={"COLUMNS": "300"})
     assert result.exit_code == 0
     assert str(mlp_run) in result.output and "test_acc" in result.output
 
@@ -134,31 +140,31 @@ def test_runs_lists_finished_runs(mlp_run: Path) -> None:
 # --- bad input: one line, non-zero exit, never a traceback ------------------------------------------------
 
 
-def test_unknown_recipe_suggests_the_nearest() -> None:
+def test_unknown_recipe_suggests_the_nearest(invoke) -> None:
     assert_one_line_error(invoke("run", "cnn-mnst"), "Unknown recipe 'cnn-mnst'", "Did you mean 'cnn-mnist'")
     assert_one_line_error(invoke("show", "mpl"), "Did you mean 'mlp'")
 
 
-def test_unknown_flag() -> None:
+def test_unknown_flag(invoke) -> None:
     assert_one_line_error(invoke("run", "mlp", "--epoch", "3"), "No such option '--epoch'")
 
 
-def test_wrong_type() -> None:
+def test_wrong_type(invoke) -> None:
     assert_one_line_error(invoke("run", "mlp", "--epochs", "three"), "'--epochs'", "not a valid integer")
 
 
 @pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--lr", "-0.1"), ("--batch-size", "0")])
-def test_non_positive_values(flag: str, value: str) -> None:
+def test_non_positive_values(flag: str, value: str, invoke) -> None:
     assert_one_line_error(invoke("run", "cnn-mnist", flag, value), f"{flag} must be positive")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_unavailable_device() -> None:
+def test_unavailable_device(invoke) -> None:
     assert_one_line_error(invoke("run", "mlp", "--smoke", "--device", "cuda"), "no CUDA GPU")
     assert_one_line_error(invoke("run", "mlp", "--smoke", "--device", "tpu"), "Unknown device 'tpu'")
 
 
-def test_corrupt_data_file_fails_its_checksum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_corrupt_data_file_fails_its_checksum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, invoke) -> None:
     copy = tmp_path / "data"
     shutil.copytree(REPO / "data" / "mnist-10k", copy / "mnist-10k")
     labels = copy / "mnist-10k" / "t10k-labels-idx1-ubyte.gz"
@@ -171,42 +177,54 @@ def test_corrupt_data_file_fails_its_checksum(tmp_path: Path, monkeypatch: pytes
     assert_one_line_error(invoke("run", "mlp", "--smoke", "--out", tmp_path), "is missing")
 
 
-def test_data_dir_without_idx_files(tmp_path: Path) -> None:
+def test_data_dir_without_idx_files(tmp_path: Path, invoke) -> None:
     assert_one_line_error(invoke("run", "mlp", "--smoke", "--data-dir", tmp_path), "has no train-images-idx3-ubyte")
     assert_one_line_error(invoke("run", "mlp", "--smoke", "--data-dir", tmp_path / "nope"), "does not exist")
 
 
-def test_unknown_dataset_name() -> None:
-    assert_one_line_error(invoke("run", "mlp", "--smoke", "--dataset", "cifar"), "Unknown dataset 'cifar'")
+def test_unknown_dataset_name(invoke) -> None:
+    assert_one_line_error(invoke("run", "mlp", "--smoke", "--dataset", "cifar"), "Unknown --dataset 'cifar'",
+                          "mnist, fashion-mnist")
 
 
-def test_unwritable_out_is_an_error_before_training(tmp_path: Path) -> None:
+def test_unwritable_out_is_an_error_before_training(tmp_path: Path, invoke) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     assert_one_line_error(invoke("run", "mlp", "--smoke", "--out", blocker / "runs"), "Cannot write runs")
 
 
-def test_predict_with_missing_run(tmp_path: Path) -> None:
+def test_predict_with_missing_run(tmp_path: Path, invoke) -> None:
     assert_one_line_error(invoke("predict", "mlp", "--run", tmp_path / "nope", "x.png"), "does not exist")
     assert_one_line_error(invoke("predict", "mlp", "--run", tmp_path, "x.png"), "has no checkpoint.pt")
 
 
-def test_predict_with_another_recipes_checkpoint(mlp_run: Path) -> None:
-    assert_one_line_error(invoke("predict", "cnn-mnist", "--run", mlp_run, "x.png"), "is a run of 'mlp'")
+@dataclass
+class OtherConfig:
+    epochs: int = 1
 
 
-def test_predict_with_an_unreadable_image(mlp_run: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("recipe", sorted(r.id for r in catalog.all_recipes().values() if r.can_predict))
+def test_predict_refuses_another_recipes_run(recipe: str, tmp_path: Path, invoke) -> None:
+    """A run directory as `Run` and `save_checkpoint` write it, but of another recipe."""
+    other = "cnn-mnist" if recipe == "mlp" else "mlp"
+    save_checkpoint(tmp_path, other, torch.nn.Linear(2, 2), OtherConfig())
+    (tmp_path / "config.json").write_text(json.dumps({"config": {"epochs": 1}, "meta": {"recipe": other}}))
+    assert_one_line_error(invoke("predict", recipe, "--run", tmp_path, "x.png"),
+                          f"is a run of '{other}', not '{recipe}'")
+
+
+def test_predict_with_an_unreadable_image(mlp_run: Path, tmp_path: Path, invoke) -> None:
     not_an_image = tmp_path / "notes.txt"
     not_an_image.write_text("hello")
     assert_one_line_error(invoke("predict", "mlp", "--run", mlp_run, not_an_image), "Cannot read")
     assert_one_line_error(invoke("predict", "mlp", "--run", mlp_run, tmp_path / "gone.png"), "does not exist")
 
 
-def test_predict_on_a_recipe_without_a_model(mlp_run: Path) -> None:
+def test_predict_on_a_recipe_without_a_model(mlp_run: Path, invoke) -> None:
     assert_one_line_error(invoke("predict", "tensor-ops", "--run", mlp_run), "trains no model")
 
 
-def test_checkpoint_with_code_in_it_is_refused(mlp_run: Path, tmp_path: Path) -> None:
+def test_checkpoint_with_code_in_it_is_refused(mlp_run: Path, tmp_path: Path, invoke) -> None:
     evil_run = tmp_path / "evil"
     evil_run.mkdir()
 
@@ -218,7 +236,7 @@ def test_checkpoint_with_code_in_it_is_refused(mlp_run: Path, tmp_path: Path) ->
     assert_one_line_error(invoke("predict", "mlp", "--run", evil_run, "x.png"), "refused")
 
 
-def test_truncated_checkpoint(mlp_run: Path, tmp_path: Path) -> None:
+def test_truncated_checkpoint(mlp_run: Path, tmp_path: Path, invoke) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(mlp_run, broken)
     data = (broken / "checkpoint.pt").read_bytes()
@@ -226,5 +244,5 @@ def test_truncated_checkpoint(mlp_run: Path, tmp_path: Path) -> None:
     assert_one_line_error(invoke("predict", "mlp", "--run", broken, "x.png"), "truncated or corrupt")
 
 
-def test_serve_refuses_an_unknown_device() -> None:
+def test_serve_refuses_an_unknown_device(invoke) -> None:
     assert_one_line_error(invoke("serve", "--device", "tpu", "--port", "0"), "Unknown device 'tpu'")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,6 @@ from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 from dlnotes import catalog
-from dlnotes.checkpoint import save_checkpoint
 from dlnotes.cli import app
 from dlnotes.errors import UserError
 from dlnotes.text import UNK, Vocab, char_tokens, detokenize, word_tokens
@@ -171,17 +169,6 @@ def test_wrong_dataset_name_is_one_line_error(out_dir: Path) -> None:
     result = invoke("run", "fasttext", "--dataset", "imdb", "--out", out_dir)
     assert_one_line_error(result, "Unknown --dataset 'imdb'", "rotten-tomatoes, chinese-reviews")
     assert not list(out_dir.iterdir())  # refused before a run directory was made
-
-
-@dataclass
-class OtherConfig:
-    epochs: int = 1
-
-
-def test_run_directory_of_another_recipe_is_refused(tmp_path: Path) -> None:
-    save_checkpoint(tmp_path, "cnn-mnist", torch.nn.Linear(2, 2), OtherConfig())
-    assert_one_line_error(invoke("predict", "fasttext", "--run", tmp_path, "good"),
-                          "is a run of 'cnn-mnist', not 'fasttext'")
 
 
 def test_missing_run_directory_is_one_line_error(tmp_path: Path) -> None:

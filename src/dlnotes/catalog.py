@@ -1,15 +1,32 @@
 """The recipe catalog: finds recipe files and reads their metadata without importing them.
 
-A recipe's docstring, TAGS, DATASET, TARGET, SMOKE and Config fields are read with `ast`, so `dlnotes list`
-and `--help` never import torch, and one recipe with a broken optional dependency cannot break the listing.
+A recipe's docstring, TAGS, DATASET, TARGET, SMOKE, DISTRIBUTED, TRAINS and Config fields are read with
+`ast`, so `dlnotes list` and `--help` never import torch, and one recipe with a broken optional dependency
+cannot break the listing. The module constants a recipe may set:
+
+    TAGS = ("vision", "classification")   `dlnotes list --tag`
+    DATASET = "MNIST-10k (offline)"        shown by `list` and `show`
+    TARGET = ("test_acc", 0.985)           what a full default run must reach (`("val_loss", 1.6, "<=")`: at most)
+    SMOKE = {"epochs": 1}                  the tiny run of `--smoke`, `dlnotes smoke` and the tests
+    DISTRIBUTED = True                     offers --nproc/--nnodes/--node-rank/--rdzv-endpoint
+    TRAINS = False                         trains nothing to checkpoint: no --resume/--save-every/--keep
+
+Every value must be a literal (a number, string, tuple, dict, True/False), and so must every Config default:
+the catalog reads them without running the file. A file it cannot read (a syntax error, a computed default,
+a field that is not int/float/str/bool, a malformed TARGET) is listed as unreadable, with file:line and why,
+and the other recipes keep working. A recipe run as a script (`python my_copy.py`) is imported anyway, so
+there its flags come from the Config class itself and a computed default such as `3e-3 / 2` is fine.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import importlib.util
+import inspect
 import io
+import os
 import sys
 import tokenize
 from dataclasses import dataclass, field
@@ -21,6 +38,7 @@ from typing import Any
 from dlnotes.errors import UserError
 
 FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+METADATA = ("TAGS", "DATASET", "TARGET", "SMOKE", "DISTRIBUTED", "TRAINS")  # the module constants the catalog reads
 
 
 @dataclass(frozen=True)
@@ -79,6 +97,7 @@ class RecipeInfo:
     fields: tuple[FieldSpec, ...] = ()
     can_predict: bool = False
     distributed: bool = False
+    trains: bool = True  # False (TRAINS = False): no checkpoints, so no --resume/--save-every/--keep
 
     def field(self, name: str) -> FieldSpec | None:
         return next((f for f in self.fields if f.name == name), None)
@@ -90,37 +109,103 @@ def recipe_id(path: str | Path) -> str:
 
 
 def recipes_dir() -> Path:
-    """Recipes ship inside the wheel as `dlnotes/recipes/`; an editable install reads the repo's `recipes/`."""
+    """`$DLNOTES_RECIPES` when set (a folder of recipe files read instead of the shipped ones); otherwise the
+    recipes inside the wheel (`dlnotes/recipes/`), or the repo's `recipes/` in an editable install."""
+    if folder := os.environ.get("DLNOTES_RECIPES"):
+        return Path(folder).expanduser()
     packaged = Path(__file__).parent / "recipes"
     if packaged.is_dir():
         return packaged
     return Path(__file__).resolve().parents[2] / "recipes"
 
 
-@cache
 def all_recipes() -> dict[str, RecipeInfo]:
-    paths = sorted(p for p in recipes_dir().glob("*.py") if not p.name.startswith("_"))
-    return {info.id: info for info in map(read_recipe, paths)}
+    """The readable recipes by id (the unreadable ones are in `unreadable()`)."""
+    return _read_folder(recipes_dir())[0]
+
+
+def unreadable() -> dict[str, str]:
+    """Recipe files whose metadata cannot be read, by id: the one-line reason, starting with file:line."""
+    return _read_folder(recipes_dir())[1]
+
+
+@cache
+def _read_folder(folder: Path) -> tuple[dict[str, RecipeInfo], dict[str, str]]:
+    readable, broken = {}, {}
+    for path in sorted(p for p in folder.glob("*.py") if not p.name.startswith("_")):
+        try:
+            readable[recipe_id(path)] = read_recipe(path)
+        except UserError as err:
+            broken[recipe_id(path)] = str(err)
+    return readable, broken
 
 
 def get(recipe: str) -> RecipeInfo:
     recipes = all_recipes()
     if recipe in recipes:
         return recipes[recipe]
+    if recipe in unreadable():
+        raise UserError(f"Recipe '{recipe}' cannot be read: {unreadable()[recipe]}")
     close = difflib.get_close_matches(recipe, list(recipes), n=1, cutoff=0.4)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     raise UserError(f"Unknown recipe '{recipe}'.{hint} See `dlnotes list`.")
 
 
 def read_recipe(path: Path) -> RecipeInfo:
-    """Read a recipe file's metadata from its syntax tree; nothing in it is executed."""
-    source = path.read_text(encoding="utf-8")
-    tree = ast.parse(source, filename=str(path))
-    doc = ast.get_docstring(tree) or recipe_id(path)
-    title, _, notes = doc.partition("\n")
-    constants = _module_constants(tree)
+    """Read a recipe file's metadata from its syntax tree; nothing in it is executed. A file that cannot be
+    read this way is a UserError naming file:line and what is wrong."""
+    tree, source = _parse(path)
+    constants = _module_constants(tree, path)
+    comments = _line_comments(source)
+    fields = []
+    for name, node in _config_nodes(tree).items():
+        if node.value is None:
+            continue  # no default: not a flag (and Config() says so if it is needed)
+        try:
+            default = ast.literal_eval(node.value)
+        except (ValueError, TypeError, SyntaxError):
+            written = ast.get_source_segment(source, node.value) or ast.unparse(node.value)
+            raise UserError(f"{path}:{node.lineno}: Config.{name} = {written}: a default must be a literal "
+                            "(the catalog reads it without running the file)") from None
+        fields.append(FieldSpec(name, _field_type(path, name, node, ast.unparse(node.annotation)), default,
+                                comments.get(node.lineno, "")))
     functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
-    target = constants.get("TARGET")
+    return _info(path, ast.get_docstring(tree), constants, fields, can_predict="predict" in functions)
+
+
+def read_module(module: ModuleType, config_class: type) -> RecipeInfo:
+    """The metadata of a recipe that is already imported (`python my_copy.py` calls `cli(Config, main)`): the
+    flags come from the Config dataclass itself, so a computed default (`lr: float = 3e-3 / 2`) just works;
+    their help text is still each field's line comment in the file."""
+    path = Path(module.__file__ or sys.argv[0])
+    tree, source = _parse(path)
+    comments = _line_comments(source)
+    nodes = _config_nodes(tree, config_class.__name__)
+    fields = []
+    for spec in dataclasses.fields(config_class):
+        if not spec.init or spec.default is dataclasses.MISSING:
+            continue  # as in the file: only fields with a plain default are flags
+        node = nodes.get(spec.name)
+        type_name = spec.type if isinstance(spec.type, str) else getattr(spec.type, "__name__", str(spec.type))
+        help_text = comments.get(node.lineno, "") if node else ""
+        fields.append(FieldSpec(spec.name, _field_type(path, spec.name, node, type_name), spec.default, help_text))
+    constants = {name: getattr(module, name) for name in METADATA if hasattr(module, name)}
+    can_predict = callable(getattr(module, "predict", None))
+    return _info(path, inspect.cleandoc(module.__doc__ or ""), constants, fields, can_predict=can_predict)
+
+
+def read_target(path: Path) -> Target | None:
+    """Only a recipe file's TARGET (a run needs nothing else, and its Config may have computed defaults)."""
+    tree, _ = _parse(path)
+    return _target(path, _module_constants(tree, path, ("TARGET",)).get("TARGET"))
+
+
+def _info(path: Path, doc: str | None, constants: dict[str, Any], fields: list[FieldSpec],
+          can_predict: bool) -> RecipeInfo:
+    title, _, notes = (doc or recipe_id(path)).partition("\n")
+    smoke = constants.get("SMOKE", {})
+    if not isinstance(smoke, dict):
+        raise UserError(f"{path}: SMOKE must be a dict of Config values, not {smoke!r}")
     return RecipeInfo(
         id=recipe_id(path),
         path=path,
@@ -128,25 +213,51 @@ def read_recipe(path: Path) -> RecipeInfo:
         notes=notes.strip(),
         tags=tuple(constants.get("TAGS", ())),
         dataset=constants.get("DATASET", ""),
-        target=Target(target[0], float(target[1]), *target[2:]) if target else None,
-        smoke=dict(constants.get("SMOKE", {})),
-        fields=tuple(_config_fields(tree, _line_comments(source))),
-        can_predict="predict" in functions,
+        target=_target(path, constants.get("TARGET")),
+        smoke=dict(smoke),
+        fields=tuple(fields),
+        can_predict=can_predict,
         distributed=bool(constants.get("DISTRIBUTED", False)),
+        trains=bool(constants.get("TRAINS", True)),
     )
 
 
-def _module_constants(tree: ast.Module) -> dict[str, Any]:
+def _parse(path: Path) -> tuple[ast.Module, str]:
+    try:
+        source = path.read_text(encoding="utf-8")
+        return ast.parse(source, filename=str(path)), source
+    except SyntaxError as err:
+        raise UserError(f"{path}:{err.lineno}: syntax error: {err.msg}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read it: {err}") from None
+
+
+def _module_constants(tree: ast.Module, path: Path, names: tuple[str, ...] = METADATA) -> dict[str, Any]:
+    """The values of the module-level constants `names` that the file assigns; each must be a literal."""
     constants = {}
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             name = node.targets[0].id
-            if name.isupper():
+            if name in names:
                 try:
                     constants[name] = ast.literal_eval(node.value)
-                except ValueError:
-                    pass  # not a literal (e.g. a computed constant): not catalog metadata
+                except (ValueError, TypeError, SyntaxError):
+                    raise UserError(f"{path}:{node.lineno}: {name} must be a literal (the catalog reads it "
+                                    "without running the file)") from None
     return constants
+
+
+def _target(path: Path, value: Any) -> Target | None:
+    if value is None:
+        return None
+    try:
+        metric, number, *direction = value
+        if not isinstance(metric, str) or len(direction) > 1:
+            raise ValueError
+        return Target(metric, float(number), *direction)
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: TARGET must be (metric, value) or (metric, value, '<='), "
+                        f"not {value!r}") from None
 
 
 def _line_comments(source: str) -> dict[int, str]:
@@ -154,26 +265,18 @@ def _line_comments(source: str) -> dict[int, str]:
     return {tok.start[0]: tok.string.lstrip("#").strip() for tok in tokens if tok.type == tokenize.COMMENT}
 
 
-def _config_fields(tree: ast.Module, comments: dict[int, str]) -> list[FieldSpec]:
-    config = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Config"), None)
-    if config is None:
-        return []
-    fields = []
-    for node in config.body:
-        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value):
-            continue
-        type_name = ast.unparse(node.annotation)
-        if type_name not in FIELD_TYPES:
-            raise SyntaxError(f"Config.{node.target.id}: flags are int, float, str or bool, not {type_name}")
-        fields.append(
-            FieldSpec(
-                name=node.target.id,
-                type=FIELD_TYPES[type_name],
-                default=ast.literal_eval(node.value),
-                help=comments.get(node.lineno, ""),
-            )
-        )
-    return fields
+def _config_nodes(tree: ast.Module, class_name: str = "Config") -> dict[str, ast.AnnAssign]:
+    """The annotated fields of the module's Config class, by name (with their line numbers)."""
+    config = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name), None)
+    body = config.body if config else []
+    return {n.target.id: n for n in body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+
+
+def _field_type(path: Path, name: str, node: ast.AnnAssign | None, type_name: str) -> type:
+    if type_name not in FIELD_TYPES:
+        where = f"{path}:{node.lineno}" if node else str(path)
+        raise UserError(f"{where}: Config.{name} is {type_name}; flags are int, float, str or bool")
+    return FIELD_TYPES[type_name]
 
 
 def config_values(info: RecipeInfo, smoke: bool = False, **overrides: Any) -> dict[str, Any]:
@@ -188,8 +291,9 @@ def config_values(info: RecipeInfo, smoke: bool = False, **overrides: Any) -> di
 def load_module(info: RecipeInfo) -> ModuleType:
     """Import a recipe file as module `dlnotes_recipe_<name>` (heavy imports happen here, not before)."""
     name = "dlnotes_recipe_" + info.path.stem
-    if name in sys.modules:
-        return sys.modules[name]
+    loaded = sys.modules.get(name)
+    if loaded is not None and Path(loaded.__file__ or "") == info.path:
+        return loaded
     spec = importlib.util.spec_from_file_location(name, info.path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -55,23 +56,38 @@ def _target_text(info: catalog.RecipeInfo) -> str:
     return str(info.target) if info.target else "—"
 
 
+def _json_row(info: catalog.RecipeInfo) -> dict[str, Any]:
+    return {"id": info.id, "title": info.title, "tags": list(info.tags), "dataset": info.dataset,
+            "target": info.target.as_list() if info.target else None}
+
+
 @app.command("list")
 def list_recipes(
     tag: str | None = typer.Option(None, "--tag", help="Only recipes with this tag."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """List the recipes in the catalog."""
-    recipes = [r for r in catalog.all_recipes().values() if tag is None or tag in r.tags]
+    """List the recipes in the catalog. A recipe file whose metadata cannot be read is one row "(unreadable:
+    why)" (in --json: an "unreadable" entry with the reason), and the others are listed as usual."""
+    recipes = {r.id: r for r in catalog.all_recipes().values() if tag is None or tag in r.tags}
+    broken = {} if tag else catalog.unreadable()  # an unreadable file's tags are unknown
+    ids = sorted([*recipes, *broken])
     if as_json:
-        rows = [{"id": r.id, "title": r.title, "tags": list(r.tags), "dataset": r.dataset,
-                 "target": r.target.as_list() if r.target else None} for r in recipes]
+        unreadable_row = {"title": "", "tags": [], "dataset": "", "target": None}
+        rows = [{"id": rid, **unreadable_row, "unreadable": broken[rid]} if rid in broken else _json_row(recipes[rid])
+                for rid in ids]
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"{len(recipes)} recipes", title_justify="left")
+    title = f"{len(recipes)} recipes" + (f", {len(broken)} unreadable" if broken else "")
+    table = Table(title=title, title_justify="left")
     for column in ("id", "title", "tags", "dataset", "target"):
         table.add_column(column, overflow="fold")
-    for r in recipes:
-        table.add_row(r.id, r.title, ", ".join(r.tags), r.dataset, _target_text(r))
+    for rid in ids:
+        if rid in broken:
+            why = broken[rid].removeprefix(f"{catalog.recipes_dir()}{os.sep}")  # the folder is the same for all
+            table.add_row(rid, f"(unreadable: {why})", "", "", "—")
+        else:
+            r = recipes[rid]
+            table.add_row(r.id, r.title, ", ".join(r.tags), r.dataset, _target_text(r))
     console().print(table)
 
 
@@ -118,19 +134,22 @@ def smoke(
     recipes: list[str] | None = typer.Argument(None, help="Recipe ids (default: all)."),
     device: str = typer.Option("cpu", "--device", help="auto | cpu | cuda | mps"),
 ) -> None:
-    """Run recipes with their tiny SMOKE settings; a pass/fail/time table; non-zero exit if any failed."""
+    """Run recipes with their tiny SMOKE settings; a pass/fail/time table; non-zero exit if any failed
+    (an unreadable recipe file, too)."""
     infos = [catalog.get(r) for r in recipes] if recipes else list(catalog.all_recipes().values())
     table = Table(title="smoke")
     for column in ("recipe", "result", "seconds", "metrics / error"):
         table.add_column(column)
-    failed = 0
+    broken = {} if recipes else catalog.unreadable()
+    for rid, why in broken.items():
+        table.add_row(rid, "FAIL", "—", f"unreadable: {why}")
+    failed = len(broken)
     with tempfile.TemporaryDirectory(prefix="dlnotes-smoke-") as out:
         for info in infos:
             start = time.perf_counter()
             try:
                 module = catalog.load_module(info)
-                values = {f.name: f.default for f in info.fields} | info.smoke
-                values.update({k: v for k, v in {"device": device, "out": out}.items() if info.field(k)})
+                values = catalog.config_values(info, smoke=True, device=device, out=out)
                 metrics = module.main(build_config(module, values)) or {}
                 result, detail = "pass", ", ".join(f"{k}={v:.3g}" for k, v in metrics.items())
             except Exception as err:  # a smoke table reports every failure instead of stopping at the first
@@ -155,6 +174,9 @@ def bench(
     from dlnotes.device import pick_device
 
     infos = benchable(recipes)
+    if not recipes:
+        for rid, why in catalog.unreadable().items():
+            console().print(f"note: skipped {rid}, unreadable: {why}", highlight=False)
     pick_device(device)  # an unknown or absent device fails here, once, not in every worker
     folder, rows = run_bench(infos, repeat, device, out, report=lambda line: console().print(line, highlight=False))
     print("\n" + (folder / "bench.md").read_text())  # plain: a Markdown table must not be wrapped

@@ -19,13 +19,18 @@ Outside torchrun every call here is a no-op, so the same recipe runs alone uncha
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint")
+# How long a rank waits in a collective for the others before the job fails (PyTorch's default is 30 minutes).
+# The longest legitimate wait is the other ranks waiting while rank 0 alone evaluates.
+COLLECTIVE_TIMEOUT_S = int(os.environ.get("DLNOTES_COLLECTIVE_TIMEOUT_S", "600"))
 
 
 def world_size() -> int:
@@ -65,9 +70,9 @@ def start(device: Any) -> Any:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     return device
 
 
@@ -130,14 +135,96 @@ def any_rank(flag: bool) -> bool:
 
 
 def broadcast(value: Any) -> Any:
-    """Rank 0's picklable `value` on every rank (the run directory's path)."""
+    """Rank 0's `value` on every rank: numbers, strings, None, lists, tuples, dicts with string keys, tensors and
+    numpy arrays (the run directory's path, evaluation results). It travels as JSON text plus raw tensors, never
+    as a pickle: unpickling what another process sends would run whatever code it names."""
     if not active():
         return value
+    import torch
+
+    device = _collective_device()
+    tensors: list[Any] = []
+    text = json.dumps(_encode(value, tensors)) if is_main() else ""
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8, device=device)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    _broadcast_tensor(size)
+    if not is_main():
+        data = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    _broadcast_tensor(data)
+    skeleton = json.loads(bytes(data.cpu().tolist()).decode())
+    return _decode(skeleton, _broadcast_tensors(skeleton, tensors, device))
+
+
+def _encode(value: Any, tensors: list[Any]) -> Any:
+    """A JSON-able skeleton of `value`; tensors are replaced by their index, shape and dtype and kept aside."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, np.ndarray):
+        return _encode(torch.from_numpy(value), tensors) | {"numpy": True}
+    if isinstance(value, torch.Tensor):
+        tensors.append(value.detach())
+        return {"tensor": len(tensors) - 1, "shape": list(value.shape), "dtype": str(value.dtype).split(".")[-1]}
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return {"tuple" if isinstance(value, tuple) else "list": [_encode(v, tensors) for v in value]}
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {"dict": {k: _encode(v, tensors) for k, v in value.items()}}
+    raise TypeError(f"distributed.broadcast cannot send a {type(value).__name__}")
+
+
+def _broadcast_tensors(skeleton: Any, mine: list[Any], device: Any) -> list[Any]:
+    """The skeleton's tensors in index order: rank 0 sends its own, the others receive into empty ones."""
+    import torch
+
+    specs: list[dict[str, Any]] = []
+
+    def collect(node: Any) -> None:
+        if isinstance(node, dict):
+            if "tensor" in node:
+                specs.append(node)
+            for child in node.get("list") or node.get("tuple") or list(node.get("dict", {}).values()):
+                collect(child)
+
+    collect(skeleton)
+    received = []
+    for spec in sorted(specs, key=lambda s: s["tensor"]):
+        if is_main():
+            tensor = mine[spec["tensor"]].contiguous().to(device)
+        else:
+            tensor = torch.empty(spec["shape"], dtype=getattr(torch, spec["dtype"]), device=device)
+        _broadcast_tensor(tensor)
+        received.append(tensor)
+    return received
+
+
+def _decode(node: Any, tensors: list[Any]) -> Any:
+    if not isinstance(node, dict):
+        return node
+    if "tensor" in node:
+        tensor = tensors[node["tensor"]]
+        return tensor.cpu().numpy() if node.get("numpy") else tensor
+    if "list" in node:
+        return [_decode(v, tensors) for v in node["list"]]
+    if "tuple" in node:
+        return tuple(_decode(v, tensors) for v in node["tuple"])
+    return {k: _decode(v, tensors) for k, v in node["dict"].items()}
+
+
+def _broadcast_tensor(tensor: Any) -> None:
     import torch.distributed as dist
 
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    dist.broadcast(tensor, src=0)
+
+
+def lost_contact(error: BaseException) -> bool:
+    """`error` says a collective failed because another rank went away or timed out (not a bug in the recipe)."""
+    import torch.distributed as dist
+
+    return isinstance(error, dist.DistError) or (world_size() > 1 and "gloo" in str(error).lower())
 
 
 def main_rank_only(function: Callable[..., T]) -> Callable[..., T | None]:

@@ -1,7 +1,9 @@
 """Command-line flags generated from a recipe's Config fields: one source of truth for every flag.
 
-`dlnotes run ID --help` and `python recipes/ID.py --help` show the same flags, built from the metadata the
-catalog reads with `ast`, so asking for help never imports torch.
+`dlnotes run ID --help` and `python recipes/ID.py --help` show the same flags. `dlnotes` builds them from the
+metadata the catalog reads with `ast` (`catalog.read_recipe`), so asking for help never imports torch; a
+recipe run as a script builds them from its imported Config class (`catalog.read_module`). Both give a
+`RecipeInfo`, and `build_command` takes either.
 """
 
 from __future__ import annotations
@@ -71,11 +73,12 @@ def build_command(info: RecipeInfo, prog: str) -> click.Command:
                                        show_default=True))
     smoke_help = f"Tiny run with the recipe's SMOKE settings {info.smoke}."
     params.append(click.Option(["--smoke"], is_flag=True, help=smoke_help))
-    params.append(click.Option(["--resume"], default="", metavar="RUN_DIR", help=RUN_OPTION_HELP["resume"]))
-    params.append(click.Option(["--save-every"], type=click.IntRange(min=0), default=0, show_default=True,
-                               help=RUN_OPTION_HELP["save_every"]))
-    params.append(click.Option(["--keep"], type=click.IntRange(min=1), default=1, show_default=True,
-                               help=RUN_OPTION_HELP["keep"]))
+    if info.trains:  # a recipe with TRAINS = False writes no checkpoints: nothing to resume or keep
+        params.append(click.Option(["--resume"], default="", metavar="RUN_DIR", help=RUN_OPTION_HELP["resume"]))
+        params.append(click.Option(["--save-every"], type=click.IntRange(min=0), default=0, show_default=True,
+                                   help=RUN_OPTION_HELP["save_every"]))
+        params.append(click.Option(["--keep"], type=click.IntRange(min=1), default=1, show_default=True,
+                                   help=RUN_OPTION_HELP["keep"]))
     if info.distributed:
         params.append(click.Option(["--nproc"], type=click.IntRange(min=1), default=1, show_default=True,
                                    help=RUN_OPTION_HELP["nproc"]))
@@ -108,9 +111,9 @@ def parse_args(info: RecipeInfo, args: list[str], prog: str) -> tuple[dict[str, 
         return None  # --help was printed
     except click.ClickException as err:
         raise UserError(err.format_message().replace("\n", " ")) from err
-    launch = {name: values.pop(name) for name in ("nproc", "nnodes", "node_rank", "rdzv_endpoint") if name in values}
-    options = RunOptions(smoke=values.pop("smoke"), resume=values.pop("resume"), save_every=values.pop("save_every"),
-                         keep=values.pop("keep"), **launch, explicit=frozenset(explicit & set(values)))
+    launch = {name: values.pop(name) for name in ("nproc", "nnodes", "node_rank", "rdzv_endpoint", "resume",
+                                                  "save_every", "keep") if name in values}
+    options = RunOptions(smoke=values.pop("smoke"), **launch, explicit=frozenset(explicit & set(values)))
     if options.smoke:
         unknown = set(info.smoke) - set(values)
         if unknown:

@@ -13,7 +13,7 @@ from types import ModuleType
 from typing import Any
 
 from dlnotes import distributed
-from dlnotes.catalog import RecipeInfo, load_module, read_recipe
+from dlnotes.catalog import RecipeInfo, load_module, read_module
 from dlnotes.errors import TrainingInterrupted, UserError
 from dlnotes.flags import RunOptions, parse_args
 from dlnotes.tracking import RESUMABLE_CHANGES, read_run_config, use_options
@@ -88,15 +88,33 @@ def execute(info: RecipeInfo, args: list[str], prog: str, module: ModuleType | N
         if distributed.is_main():
             print_error("interrupted.")
         return 130
+    except RuntimeError as err:  # another rank died or hung: say so in one line; the launcher says which
+        if not distributed.lost_contact(err):
+            raise
+        print_error(f"rank {distributed.rank()} lost contact with the other processes: "
+                    f"{str(err).strip().splitlines()[0][:200]}")
+        return 1
 
 
 # --- several processes: torchrun ---------------------------------------------------------------------------
 
 
+RENDEZVOUS_TIMEOUT_S = int(os.environ.get("DLNOTES_RENDEZVOUS_TIMEOUT_S", "60"))  # how long a node waits for the others
+# How long a worker may take to checkpoint and exit after a stop signal before it is killed: torchrun's own
+# default (30 s) is shorter than writing a large training state (fasttext's) to a slow disk.
+SHUTDOWN_GRACE_S = int(os.environ.get("DLNOTES_SHUTDOWN_GRACE_S", "300"))
+STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}  # exit code 128 + signal number
+
+
 def launch_torchrun(info: RecipeInfo, args: list[str], options: RunOptions, device: str,
                     module: ModuleType | None) -> int:
     """Run the same command under torchrun, without the launch flags; the workers see RANK/WORLD_SIZE and
-    train with DistributedDataParallel. Returns torchrun's exit code (130 after Ctrl-C)."""
+    train with DistributedDataParallel. Returns torchrun's exit code, or 128 + the signal that stopped it.
+
+    A first Ctrl-C, SIGTERM or SIGHUP is forwarded to torchrun, which passes it on to every worker: they
+    finish the step, checkpoint and exit. A second one, or a grace period running out, kills torchrun and
+    every worker: torchrun starts each worker in a session of its own, so a process-group kill would miss
+    them; the launcher kills every process it started, found by walking the process tree."""
     check_process_count(options.nproc, device)
     endpoint = rendezvous_endpoint(options)
     worker_args = strip_launch_flags(args)
@@ -104,7 +122,8 @@ def launch_torchrun(info: RecipeInfo, args: list[str], options: RunOptions, devi
         ["-m", "dlnotes", "run", info.id, *worker_args]
     command = [sys.executable, "-c", "from dlnotes.launch import torchrun; torchrun()", f"--nnodes={options.nnodes}",
                f"--nproc-per-node={options.nproc}", f"--node-rank={options.node_rank}",
-               "--rdzv-backend=static", f"--rdzv-endpoint={endpoint}", "--max-restarts=0", *target]
+               "--rdzv-backend=static", f"--rdzv-endpoint={endpoint}", f"--rdzv-conf=timeout={RENDEZVOUS_TIMEOUT_S}",
+               f"--shutdown-timeout={SHUTDOWN_GRACE_S}", "--max-restarts=0", *target]
     # Each process gets its share of the cores: N processes x all cores each would fight over them.
     threads = str(max(1, (os.cpu_count() or 1) // options.nproc))
     env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
@@ -113,39 +132,101 @@ def launch_torchrun(info: RecipeInfo, args: list[str], options: RunOptions, devi
     # torchrun gets its own process group, so a Ctrl-C reaches the workers once (forwarded by torchrun) and
     # they can finish the step and checkpoint; a terminal's Ctrl-C would otherwise hit them twice at once.
     proc = subprocess.Popen(command, env=env, start_new_session=True)
-    interrupts = 0
+    started = ProcessTree(proc.pid)
+    received: list[int] = []
 
     def forward(signum: int, frame: Any) -> None:
-        nonlocal interrupts
-        interrupts += 1
-        if interrupts == 1:
-            proc.send_signal(signal.SIGINT)
-        else:  # the second Ctrl-C: stop everything now
-            os.killpg(proc.pid, signal.SIGKILL)
+        received.append(signum)
+        if len(received) == 1:
+            proc.send_signal(signum)
+        else:  # the second signal: stop everything now
+            started.kill()
 
-    previous = signal.signal(signal.SIGINT, forward)
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
     try:
-        code = proc.wait()
+        while True:
+            started.refresh()  # the workers are not torchrun's process group: remember them while torchrun lives
+            try:
+                code = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                continue
     finally:
-        signal.signal(signal.SIGINT, previous)
-    return 130 if interrupts and code != 0 else code
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        started.kill()  # whatever torchrun left behind (a worker it could not stop) goes too
+    return STOP_SIGNALS[received[0]] if received and code != 0 else code
+
+
+class ProcessTree:
+    """Every process descended from `pid` that was ever seen alive, so that all of them can be killed even after
+    their parent is gone (an orphan is re-parented away from the tree and a later walk would miss it)."""
+
+    def __init__(self, pid: int) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._root = psutil.Process(pid)
+        self._seen = {self._root}
+
+    def refresh(self) -> None:
+        try:
+            self._seen.update(self._root.children(recursive=True))
+        except self._psutil.NoSuchProcess:
+            pass
+
+    def kill(self) -> None:
+        """SIGKILL every remembered process still running (psutil checks that a pid was not reused)."""
+        self.refresh()
+        alive = []
+        for process in self._seen:
+            try:
+                process.kill()
+                alive.append(process)
+            except self._psutil.NoSuchProcess:
+                continue
+        self._psutil.wait_procs(alive, timeout=5)
 
 
 def torchrun() -> None:
-    """`python -m torch.distributed.run` with sys.argv, except that the Ctrl-C it forwards to the workers
-    ends it with exit code 130 instead of a traceback, and its own log shows errors only."""
+    """`python -m torch.distributed.run` with sys.argv, except that a stop signal it forwards to the workers
+    ends it with exit code 128 + signal instead of a traceback, a failed worker is one line, and its own log
+    shows errors only."""
     import logging
 
     os.environ.setdefault("LOGLEVEL", "ERROR")  # read by some of torch.distributed.elastic's loggers on import
+    # The agent's C++ store client logs every failed connection attempt with a native stack trace; the one line
+    # below says the same. Only this process is quietened: the workers get the environment as it was.
+    quiet = "TORCH_CPP_LOG_LEVEL" not in os.environ
+    if quiet:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"
+    import torch  # noqa: F401 - the C++ log level is read once, when torch loads
+
+    if quiet:
+        del os.environ["TORCH_CPP_LOG_LEVEL"]
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import main
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # and the others inherit this
+    logging.getLogger("torch.distributed.elastic.multiprocessing.errors").setLevel(logging.CRITICAL)
 
     try:
         main()
-    except SignalException:
-        sys.exit(130)
+    except SignalException as stop:
+        sys.exit(STOP_SIGNALS.get(stop.sigval, 128 + int(stop.sigval)))
+    except ChildFailedError as failed:
+        rank, failure = failed.get_first_failure()  # the root cause; the others were stopped because of it
+        how = (f"was killed by signal {failure.signal_name()}" if failure.exitcode < 0
+               else f"exited with code {failure.exitcode}")
+        print_error(f"worker rank {rank} {how}; the job stopped (its own output above says why).")
+        sys.exit(failure.exitcode if 0 < failure.exitcode < 256 else 1)
+    except (RendezvousError, TimeoutError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print_error(f"the processes could not meet at the rendezvous endpoint within {RENDEZVOUS_TIMEOUT_S} s "
+                    f"(DLNOTES_RENDEZVOUS_TIMEOUT_S): {first}")
+        sys.exit(1)
 
 
 def check_process_count(nproc: int, device: str) -> None:
@@ -209,7 +290,13 @@ def strip_launch_flags(args: list[str]) -> list[str]:
 
 
 def cli(config_class: type, main: Callable[[Any], dict[str, float]]) -> None:
-    """`python recipe.py --flags`: the same flags as `dlnotes run`, for a recipe file run or copied on its own."""
+    """`python recipe.py --flags`: the same flags as `dlnotes run`, for a recipe file run or copied on its own.
+    The file is imported already, so its flags come from `config_class` itself (an edited copy may compute a
+    default, `lr: float = 3e-3 / 2`)."""
     module = sys.modules[main.__module__]
-    path = Path(module.__file__ or sys.argv[0])
-    sys.exit(execute(read_recipe(path), sys.argv[1:], prog=path.name, module=module))
+    try:
+        info = read_module(module, config_class)
+    except UserError as err:
+        print_error(str(err))
+        sys.exit(err.exit_code)
+    sys.exit(execute(info, sys.argv[1:], prog=info.path.name, module=module))

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dlnotes import __version__, distributed
-from dlnotes.catalog import read_recipe, recipe_id
+from dlnotes.catalog import read_target, recipe_id
 from dlnotes.errors import TrainingDiverged, TrainingInterrupted, UserError
 from dlnotes.flags import RunOptions
 
@@ -96,7 +96,7 @@ class Run:
 
     def __init__(self, recipe_file: str, config: Any, device: Any = "cpu", options: RunOptions | None = None):
         self.recipe = recipe_id(recipe_file)
-        self.target = read_recipe(Path(recipe_file)).target
+        self.target = read_target(Path(recipe_file))
         self.config = config
         self.device = str(device)
         self.options = options or _launch_options
