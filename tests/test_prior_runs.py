@@ -49,10 +49,8 @@ def fake_recipes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder.mkdir()
     (folder / "good.py").write_text(FAKE_RECIPE.format(score=0.9))
     (folder / "weak.py").write_text(FAKE_RECIPE.format(score=0.1))
-    monkeypatch.setattr(catalog, "recipes_dir", lambda: folder)
-    catalog.all_recipes.cache_clear()
-    yield folder
-    catalog.all_recipes.cache_clear()
+    monkeypatch.setenv("DLNOTES_RECIPES", str(folder))  # the catalog reads these instead of recipes/
+    return folder
 
 
 def write_run(out: Path, recipe: str, name: str, summary: dict | str | None, owner: str | None = None) -> Path:
@@ -122,6 +120,7 @@ def test_without_a_met_run_the_recipe_is_trained_first_and_recorded(fake_recipes
     recorded = json.loads((run.dir / "config.json").read_text())["good"]
     assert recorded == {"run": str(used.dir), "metric": "score", "value": 0.9, "target_met": True,
                         "trained_now": True}
+    assert prior_runs.UsedRun.from_record("good", recorded) == used  # what the other ranks rebuild
     assert prior_runs.met_run_or_train("good", out_dir, "cpu").dir == used.dir  # now found, not trained again
 
 

@@ -55,6 +55,11 @@ class UsedRun:
         return {"run": str(self.dir), "metric": self.metric, "value": self.value,
                 "target_met": self.target_met, "trained_now": self.trained_now}
 
+    @classmethod
+    def from_record(cls, recipe: str, record: dict[str, Any]) -> UsedRun:
+        return cls(recipe, Path(record["run"]), record["metric"], record["value"], record["target_met"],
+                   record["trained_now"])
+
 
 def finished_runs(out: str | Path, recipe: str) -> list[UsedRun]:
     """Runs of `recipe` under `out` that wrote a readable summary.json, newest first."""
@@ -89,11 +94,12 @@ def met_run_or_train(recipe: str, out: str | Path, device: str = "auto") -> Used
     if distributed.world_size() > 1 and not distributed.active():
         raise RuntimeError("met_run_or_train in a multi-process run: call it after distributed.start()")
     if not distributed.is_main():
-        return distributed.broadcast(None)
+        return UsedRun.from_record(recipe, distributed.broadcast(None))
     used = newest_met_run(out, recipe)
     if used is None:
         used = _train_with_defaults(recipe, Path(out), device)
-    return distributed.broadcast(used)
+    distributed.broadcast(used.as_record())  # plain JSON travels between ranks
+    return used
 
 
 def given_run(run_dir: str | Path, recipe: str, flag: str = "--run") -> UsedRun:
