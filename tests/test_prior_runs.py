@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,3 +156,53 @@ def test_the_fake_recipe_is_a_valid_catalog_entry(fake_recipes: Path) -> None:
     info = catalog.get("good")
     assert str(info.target) == "score ≥ 0.5" and info.field("out") and info.field("device")
     assert textwrap.dedent(info.title) == "Fake recipe: a run whose only metric is its --score."
+
+
+# An outer recipe under torchrun: both ranks ask for a `good` run; rank 0 trains it once and tells rank 1.
+JUDGE_RECIPE = '''
+"""Fake outer recipe: two processes ask prior_runs for a `good` run."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dlnotes import distributed, prior_runs
+from dlnotes.launch import cli
+
+DISTRIBUTED = True
+
+
+@dataclass
+class Config:
+    device: str = "cpu"  # gloo
+    out: str = "runs"  # where runs go
+
+
+def main(cfg: Config) -> dict[str, float]:
+    distributed.start(torch.device("cpu"))
+    used = prior_runs.met_run_or_train("good", cfg.out, cfg.device)
+    (Path(cfg.out) / f"rank{distributed.rank()}.json").write_text(json.dumps(used.as_record()))
+    return {}
+
+
+if __name__ == "__main__":
+    cli(Config, main)
+'''
+
+
+def test_in_a_two_process_run_rank_0_trains_once_and_every_rank_gets_the_run(fake_recipes: Path, out_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    judge = tmp_path / "judge.py"
+    judge.write_text(JUDGE_RECIPE)
+    result = subprocess.run([sys.executable, str(judge), "--nproc", "2", "--out", str(out_dir)],
+                            capture_output=True, text=True, timeout=300)
+
+    assert result.returncode == 0, result.stderr
+    trained = list((out_dir / "good").iterdir())
+    assert len(trained) == 1  # one child run, started by rank 0 alone, trained as a single process
+    assert json.loads((trained[0] / "config.json").read_text())["meta"]["world_size"] == 1
+    records = [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert records[0] == records[1] == {"run": str(trained[0]), "metric": "score", "value": 0.9,
+                                        "target_met": True, "trained_now": True}

@@ -94,10 +94,15 @@ def met_run_or_train(recipe: str, out: str | Path, device: str = "auto") -> Used
     if distributed.world_size() > 1 and not distributed.active():
         raise RuntimeError("met_run_or_train in a multi-process run: call it after distributed.start()")
     if not distributed.is_main():
-        return UsedRun.from_record(recipe, distributed.broadcast(None))
-    used = newest_met_run(out, recipe)
-    if used is None:
-        used = _train_with_defaults(recipe, Path(out), device)
+        record = distributed.broadcast(None)
+        if "error" in record:  # rank 0 failed: every rank stops with its message
+            raise (TrainingInterrupted if record["interrupted"] else UserError)(record["error"])
+        return UsedRun.from_record(recipe, record)
+    try:
+        used = newest_met_run(out, recipe) or _train_with_defaults(recipe, Path(out), device)
+    except UserError as err:
+        distributed.broadcast({"error": str(err), "interrupted": isinstance(err, TrainingInterrupted)})
+        raise
     distributed.broadcast(used.as_record())  # plain JSON travels between ranks
     return used
 
