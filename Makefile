@@ -39,11 +39,11 @@ $(STAMP): pyproject.toml $(LOCK) $(MODELS_LOCK) Makefile
 
 # Refresh the locks after editing pyproject.toml or MODEL_PACKAGES. Versions already locked stay unless asked:
 # `make lock UPGRADE=--upgrade` moves everything to the newest releases the ranges allow. One universal lock
-# (environment markers pick the wheels per OS) for CPython >= 3.11, the oldest version the dependencies allow.
+# (environment markers pick the wheels per OS) for the Python versions pyproject.toml's requires-python allows.
 # uv runs from a throwaway venv. Locked too: pip (the installer) and editables (hatchling's editable install).
 UV_VERSION := 0.13.9
 UPGRADE ?=
-UV_COMPILE = uv pip compile --quiet --generate-hashes --universal --python-version 3.11 \
+UV_COMPILE = uv pip compile --quiet --generate-hashes --universal \
 	--custom-compile-command 'make lock' $(UPGRADE)
 lock:
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
