@@ -19,7 +19,7 @@ Batches are cut from tensors already in memory: no per-sample Dataset, no worker
 
 Speed: images are stored channels-last (B, 28, 28, C in memory), the layout oneDNN and cuDNN convolve
 fastest, and the forward pass runs under bf16 autocast where the hardware has bf16 (GPUs, and CPUs with
-avx512_bf16/AMX: 1.4x faster here, same accuracy). `dlnotes bench cnn-mnist` compares the recipe's
+avx512_bf16/AMX), at the same accuracy. `dlnotes bench cnn-mnist` compares the recipe's
 throughput with the model's raw training speed (`training_ceiling`).
 
 `dlnotes run cnn-mnist --nproc 2` trains with 2 processes (DistributedDataParallel): each takes half of
@@ -71,8 +71,8 @@ class Config:
     download: bool = False  # fetch the full dataset with torchvision (needs a network)
     limit_batches: int = 0  # 0 = all; smoke runs train on a few batches only
     precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto = bf16 where the hardware has it, else fp32
-    compile: bool = False  # torch.compile the model: pays on GPUs; slower on this 2-core CPU
-    channels_last: bool = True  # NHWC memory layout: faster convolutions (+10 % on this CPU)
+    compile: bool = False  # torch.compile the model: pays on GPUs; a model this small on few CPU cores slows down
+    channels_last: bool = True  # NHWC memory layout: the one oneDNN and cuDNN convolve fastest
     device: str = "auto"  # auto | cpu | cuda | mps
     seed: int = 0
     out: str = "runs"  # run directories go under OUT/cnn-mnist/

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from dlnotes.catalog import recipe_id
 from dlnotes.checkpoint import load_checkpoint, load_weights, restore_config, save_checkpoint
-from dlnotes.device import pick_device, seed_everything
+from dlnotes.device import cpu_threads, pick_device, seed_everything
 from dlnotes.errors import UserError
 from dlnotes.flags import require_choice, require_positive
 from dlnotes.launch import cli
@@ -199,12 +199,8 @@ def record_episode(q: nn.Module, env_id: str, device: torch.device) -> tuple[lis
 
 
 def main(cfg: Config) -> dict[str, float]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 128-wide MLP is too small to split: more threads only wait for each other
-    try:
+    with cpu_threads(1):  # a 128-wide MLP is too small to split: more threads only wait for each other
         return train(cfg, pick_device(cfg.device))
-    finally:
-        torch.set_num_threads(threads)  # leave the process (pytest, `dlnotes smoke`) as it was
 
 
 def train(cfg: Config, device: torch.device) -> dict[str, float]:

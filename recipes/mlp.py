@@ -12,7 +12,7 @@ pixels belong together (the CNN recipe adds that); it still reaches about 97 % o
 
 `model.train()` / `model.eval()` switch dropout on and off: forgetting `eval()` makes held-out accuracy
 noisy and low. The same small random shifts and rotations as in cnn-mnist make up for having only
-8,500 training digits; a tiny model like this trains for many epochs in a few seconds.
+8,500 training digits; a model this tiny can afford many epochs.
 
 `--nproc 2` trains the same model with 2 processes (DistributedDataParallel): each computes the gradient
 of half of every batch and DDP averages them, so the steps equal one process's with the whole batch. A
@@ -51,7 +51,7 @@ DISTRIBUTED = True  # dlnotes run mlp --nproc N
 
 @dataclass
 class Config:
-    epochs: int = 30  # a 50k-weight model: 30 epochs of 8,500 digits take seconds and keep improving
+    epochs: int = 30  # a 50k-weight model: epochs are cheap, and 30 keep improving accuracy
     batch_size: int = 64
     lr: float = 2e-3  # one-cycle peak learning rate for AdamW
     hidden: int = 64  # the notes' hidden width
@@ -61,7 +61,7 @@ class Config:
     data_dir: str = ""  # a folder with the four IDX files (full MNIST or Fashion-MNIST)
     download: bool = False  # fetch the full dataset with torchvision (needs a network)
     limit_batches: int = 0  # 0 = all; smoke runs train on a few batches only
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto = bf16 on GPUs, fp32 on CPUs (10 % faster here)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto = bf16 on GPUs, fp32 on CPUs (casting costs more)
     compile: bool = False  # torch.compile the model: nothing to gain for 2 small matrix multiplies
     device: str = "auto"  # auto | cpu | cuda | mps
     seed: int = 0

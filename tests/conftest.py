@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
-# Idle OpenMP threads spin by default; on a busy 2-core machine they steal the core their partner needs
-# (a tiny BERT step went from 2 s to 60 ms with PASSIVE). Set before anything imports torch.
+# Idle OpenMP threads spin by default; on a busy machine they steal the core their partner needs, and small
+# steps (a tiny BERT's) take many times longer. Set before anything imports torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ["HF_HUB_OFFLINE"] = "1"  # transformers/datasets must never try the hub
 os.environ["HF_DATASETS_OFFLINE"] = "1"

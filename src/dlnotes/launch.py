@@ -20,9 +20,9 @@ from dlnotes.tracking import RESUMABLE_CHANGES, read_run_config, use_options
 
 
 def quiet_idle_threads() -> None:
-    """Idle OpenMP threads sleep instead of spinning (set before torch is imported). On a 2-core machine
-    with anything else running, spinning threads steal their partner's core: seq2seq trained at 979 instead
-    of 2,043 tokens/s, a tiny BERT step took 2 s instead of 60 ms. An explicit setting wins."""
+    """Idle OpenMP threads sleep instead of spinning (set before torch is imported). When the cores are shared
+    with anything else, spinning threads steal the core their partner needs, and small steps can take many
+    times longer (README: Measured). An explicit setting wins."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 

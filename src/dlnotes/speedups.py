@@ -5,15 +5,14 @@ while the weights, the optimizer and the reductions stay fp32:
 
     fp32   the reference, and the CPU default for most recipes
     bf16   same exponent range as fp32, so no loss scaling; tensor cores on Ampere+ GPUs: the CUDA default.
-           On a CPU with native bf16 (avx512_bf16 or AMX) convolutions gain too: cnn-mnist's training step
-           went from 1,800 to 2,450 samples/s on this machine's 2 cores, so it is cnn-mnist's CPU default
-           there; the 50k-weight MLP lost 10 % (casting costs more than its tiny multiplies save).
+           On a CPU with native bf16 (avx512_bf16 or AMX) convolutions gain too, so it is cnn-mnist's CPU
+           default there; the 50k-weight MLP loses (casting costs more than its tiny multiplies save).
     fp16   needs a GradScaler (small gradients underflow in fp16); CUDA only (GPUs before Ampere have no bf16)
 
 `--compile` hands the model to `torch.compile`: its forward and backward become fused kernels (C++ on CPU,
 Triton on CUDA). It pays off on GPUs, for long runs of a fixed shape; the first steps wait for the compiler.
-On this CPU it made both small models slower (cnn-mnist 1,800 -> 1,080 samples/s, mlp 34k -> 30k), so it
-stays off by default.
+On a few CPU cores it makes both small models slower (the compiled kernels save less than the extra
+overhead costs), so it stays off by default. The README has the measured numbers.
 """
 
 from __future__ import annotations
