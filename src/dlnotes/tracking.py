@@ -28,7 +28,7 @@ What a recipe uses (nothing else; every other member is private):
     run.close()                            for runs that end without `finish` (llm-chat)
 
 For loops that checkpoint themselves (`hf_trainer` uses these): run.watch_interrupts(), run.stop_requested,
-run.resumed_from, run.interrupted(checkpoint, step), run.diverged(key, value, step, checkpoint).
+run.resumed_from, run.interrupted(checkpoint, step), run.diverged(key, value, step, epoch, checkpoint).
 
 Training that survives interruption: after `attach`, Ctrl-C finishes the current step, writes a checkpoint
 with optimizer, scheduler, every RNG state and the position in the data order, and stops with exit code 130;
@@ -208,7 +208,7 @@ class Run:
         if self._progress.nonfinite is not None:
             raise self.diverged(*self._progress.nonfinite)
 
-    def diverged(self, key: str, value: float, step: int | None = None,
+    def diverged(self, key: str, value: float, step: int | None = None, epoch: int | None = None,
                  checkpoint: Path | None = None) -> TrainingDiverged:
         """The error that ends a run whose `key` became `value` (NaN or infinite), naming the step, the last good
         checkpoint (default: the newest last-<step>.pt) and a lower learning rate."""
@@ -217,7 +217,8 @@ class Run:
         lr = getattr(self.config, "lr", None)
         self._end_early()
         return TrainingDiverged(
-            f"{key} became {value} at step {position.step if step is None else step} (epoch {position.epoch}); "
+            f"{key} became {value} at step {position.step if step is None else step} "
+            f"(epoch {position.epoch if epoch is None else epoch}); "
             "training stopped. "
             + (f"Last good checkpoint: {good}. " if good else "No checkpoint was written before it. ")
             + (f"Try a lower learning rate than --lr {lr}." if lr is not None else "Try a lower learning rate."))
