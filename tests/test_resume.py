@@ -233,7 +233,7 @@ def test_main_interrupted_and_resumed_in_process_matches_an_uninterrupted_run(tm
 
     with options.using(options.RunOptions(resume=str(run_dir))):
         mlp.main(cfg)
-    assert options.current().options.resume == ""  # the options ended with the block
+    assert options.current_launch().options.resume == ""  # the options ended with the block
     assert rows(run_dir) == rows(reference)
     for name, tensor in weights(reference).items():
         torch.testing.assert_close(weights(run_dir)[name], tensor, rtol=0, atol=0)

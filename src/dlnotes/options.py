@@ -63,6 +63,6 @@ def using(options: RunOptions, recipe: RecipeInfo | None = None) -> Iterator[Non
         _current.reset(token)
 
 
-def current() -> Launch:
+def current_launch() -> Launch:
     """The launch in effect: the innermost `using(...)`, or the defaults outside any."""
     return _current.get() or Launch(RunOptions())  # fresh defaults each time: nobody shares a mutable one

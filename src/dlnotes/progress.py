@@ -34,6 +34,10 @@ class Progress:
     def new_epoch(self) -> None:
         self.sums, self.counts = {}, {}
 
+    def continue_epoch(self, sums: dict[str, Any], counts: dict[str, int]) -> None:
+        """A resumed run goes on with the interrupted epoch's sums, so its means are those of the whole epoch."""
+        self.sums, self.counts = sums, counts
+
     def steps(self, iterable: Iterable[T], total: int, desc: str, done: int,
               after_step: Callable[[], None]) -> Iterator[T]:
         """Yield from `iterable` (whose first `done` steps were skipped already), showing progress."""

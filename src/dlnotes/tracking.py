@@ -27,8 +27,10 @@ What a recipe uses (nothing else; every other member is private):
     return run.finish(metrics)             summary.json, curves.png, the printed summary
     run.close()                            for runs that end without `finish` (llm-chat)
 
-For loops that checkpoint themselves (`hf_trainer` uses these): run.watch_interrupts(), run.stop_requested,
-run.resumed_from, run.interrupted(checkpoint, step), run.diverged(key, value, step, epoch, checkpoint).
+For loops that checkpoint themselves (`hf_trainer` uses these): Run(..., resume_from=...) to find their own
+checkpoint format on --resume, run.resumed_from, run.watch_interrupts(), run.stop_requested,
+run.interrupted(checkpoint, step) and run.diverged(key, value, step, epoch, checkpoint) (the errors that end
+the run, exit codes 130 and 3).
 
 Training that survives interruption: after `attach`, Ctrl-C finishes the current step, writes a checkpoint
 with optimizer, scheduler, every RNG state and the position in the data order, and stops with exit code 130;
@@ -48,11 +50,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dlnotes import __version__, distributed, options
+from dlnotes import __version__, distributed
 from dlnotes.catalog import RecipeInfo, all_recipes, read_recipe, recipe_id
 from dlnotes.errors import TrainingDiverged, TrainingInterrupted
 from dlnotes.interrupts import StopRequests
-from dlnotes.options import RunOptions
+from dlnotes.options import RunOptions, current_launch
 from dlnotes.progress import Progress
 from dlnotes.runfiles import RunFiles, latest_run, list_runs, new_run_dir, read_run_config
 from dlnotes.training_state import Position, ResumePoint, TrainingState, newest_checkpoint, resume_point
@@ -70,15 +72,15 @@ class Run:
 
     def __init__(self, recipe_file: str, config: Any, device: Any = "cpu", options: RunOptions | None = None,
                  resume_from: Callable[[Path, str], ResumePoint] = resume_point):
-        launch = _current_launch()
+        launch = current_launch()
         self.recipe = recipe_id(recipe_file)
         self.target = _recipe_info(Path(recipe_file), launch.recipe).target
-        self.config = config
-        self.device = str(device)
+        self._config = config
+        self._device = str(device)
         self.options = options or launch.options
         self.is_main = distributed.is_main()
         self.world_size = distributed.world_size()
-        meta = {"recipe": self.recipe, "device": self.device, "dlnotes": __version__,
+        meta = {"recipe": self.recipe, "device": self._device, "dlnotes": __version__,
                 "python": platform.python_version(), "torch": _torch_version(), "world_size": self.world_size}
         resume = None
         if self.options.resume:
@@ -123,7 +125,7 @@ class Run:
         self.watch_interrupts()
         state = self._state.attach(model, optimizer, scheduler, generator, extra)
         if state is not None:
-            self._progress.sums, self._progress.counts = state["sums"], state["counts"]
+            self._progress.continue_epoch(state["sums"], state["counts"])
             self._files.continue_clock(state.get("elapsed_s", 0.0))  # time_s in metrics.jsonl continues
             position = self._state.position
             print(f"resuming {self.dir} at step {position.step} (epoch {position.epoch}, batch {position.batch})",
@@ -214,7 +216,7 @@ class Run:
         checkpoint (default: the newest last-<step>.pt) and a lower learning rate."""
         position = self._state.resume_position()
         good = checkpoint or newest_checkpoint(self.dir)
-        lr = getattr(self.config, "lr", None)
+        lr = getattr(self._config, "lr", None)
         self._end_early()
         return TrainingDiverged(
             f"{key} became {value} at step {position.step if step is None else step} "
@@ -257,10 +259,10 @@ class Run:
             met = self.target.met(float(metrics[self.target.metric]))
         self._files.write_summary({"recipe": self.recipe, "metrics": metrics,
                                    "target": self.target.as_list() if self.target else None, "target_met": met,
-                                   "wall_time_s": round(wall, 2), "device": self.device, **extra})
+                                   "wall_time_s": round(wall, 2), "device": self._device, **extra})
         self._files.write_curves(self.recipe)
         self.close()
-        print(f"\n{self.recipe} finished in {wall:.1f} s on {self.device}")
+        print(f"\n{self.recipe} finished in {wall:.1f} s on {self._device}")
         for key, value in metrics.items():
             print(f"  {key:<16} {value:.4f}" if isinstance(value, float) else f"  {key:<16} {value}")
         if met is not None:
@@ -271,10 +273,6 @@ class Run:
     def close(self) -> None:
         self._files.close()
         self._stops.release()
-
-
-def _current_launch() -> options.Launch:
-    return options.current()
 
 
 def _recipe_info(path: Path, launched: RecipeInfo | None) -> RecipeInfo:
