@@ -46,7 +46,7 @@ def resume_values(info: RecipeInfo, given: dict[str, Any], options: RunOptions) 
     refused = sorted(options.explicit - set(RESUMABLE_CHANGES))
     if refused:
         flags = ", ".join("--" + name.replace("_", "-") for name in refused)
-        allowed = ", ".join("--" + name for name in RESUMABLE_CHANGES)
+        allowed = ", ".join("--" + name.replace("_", "-") for name in RESUMABLE_CHANGES)
         raise UserError(f"--resume keeps the run's flags; {flags} cannot change (only {allowed} can).")
     return values
 

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     from dlnotes.catalog import RecipeInfo
 
 
-RESUMABLE_CHANGES = ("epochs", "total_steps", "device", "out")  # a resumed run may change these; not the rest
+# What a --resume may give anew (README "Interrupting and resuming", flags.RUN_OPTION_HELP["resume"]): a longer
+# run, another device. --out is accepted so that a habitual --out does not fail; the run stays in its directory.
+RESUMABLE_CHANGES = ("epochs", "total_steps", "device", "out")
 
 
 @dataclass

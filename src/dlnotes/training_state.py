@@ -57,6 +57,8 @@ def resume_point(run_dir: Path, recipe: str) -> ResumePoint:
 
 
 class TrainingState:
+    """The attached objects, the Position, the best target value; saves and restores them."""
+
     def __init__(self, recipe: str, config: Any, options: RunOptions, is_main: bool, resume: ResumePoint | None):
         self.position = Position()
         self.best: float | None = None  # the best value of the target metric so far
