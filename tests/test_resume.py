@@ -116,6 +116,7 @@ def test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(out
 @pytest.mark.parametrize("args, fragment", [
     (["run", "cnn-mnist", "--resume", "{run}"], "is a run of 'mlp', not 'cnn-mnist'"),
     (["run", "mlp", "--resume", "{run}", "--hidden", "32"], "--hidden cannot change"),
+    (["run", "mlp", "--resume", "{run}", "--lr", "1"], "only --epochs, --total-steps, --device, --out can"),
     (["run", "mlp", "--resume", "{empty}"], "not a run directory"),
 ])
 def test_resume_errors(args: list[str], fragment: str, out_dir: Path, tmp_path: Path) -> None:
