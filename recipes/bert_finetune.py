@@ -38,7 +38,6 @@ The run directory holds the fine-tuned model and tokenizer in `model/`, so they 
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,7 @@ from dlnotes.flags import require_positive
 from dlnotes.launch import cli
 from dlnotes.speedups import check_compiler, resolve_precision
 from dlnotes.textdata import TextDataset, load_text_classification
-from dlnotes.tracking import Run
+from dlnotes.tracking import Run, read_run_config
 
 TAGS = ("text", "classification", "transformers", "fine-tuning")
 DATASET = "Rotten Tomatoes reviews (offline)"
@@ -147,10 +146,6 @@ def tokenized_splits(cfg: Config, tokenizer, data: TextDataset):
     return DatasetDict(splits).map(tokenize, batched=True, remove_columns=["text"])
 
 
-LOG_NAMES = {"loss": "train_loss", "learning_rate": "lr", "grad_norm": "grad_norm", "eval_loss": "val_loss",
-             "eval_accuracy": "val_acc", "epoch": "epoch"}  # what the Trainer logs -> our metric names
-
-
 def accuracy(prediction) -> dict[str, float]:
     logits, labels = prediction  # (N, 2), (N,)
     return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
@@ -160,7 +155,9 @@ def accuracy(prediction) -> dict[str, float]:
 
 
 def main(cfg: Config) -> dict[str, float]:
-    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
+
+    from dlnotes import hf_trainer  # the run's logs, Ctrl-C, --save-every/--keep and --resume, Trainer-style
 
     device = distributed.start(pick_device(cfg.device))  # under torchrun: join the group the Trainer then uses
     precision = resolve_precision(cfg.precision, device)
@@ -174,36 +171,13 @@ def main(cfg: Config) -> dict[str, float]:
         # No gradient and no AdamW state for half the weights; the words keep their pretrained meanings and the
         # layers above learn what those meanings say about sentiment.
         model.base_model.embeddings.word_embeddings.weight.requires_grad_(False)
-    run = Run(__file__, cfg, device)
+    run = Run(__file__, cfg, device, resume_from=hf_trainer.resume_point)  # --resume: the newest checkpoint-N
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"model: {resolve_model(cfg.model)}  trainable parameters: {trainable:,}  device: {device}  "
           f"precision: {precision}  processes: {run.world_size}  run: {run.dir}")
 
-    class ForwardLogs(TrainerCallback):
-        """Every Trainer log (train loss, learning rate, validation accuracy) becomes a row of metrics.jsonl;
-        Ctrl-C makes the Trainer save a checkpoint (its own format: optimizer, scheduler, RNG) and stop."""
-
-        interrupted = False
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            row = {LOG_NAMES[k]: v for k, v in (logs or {}).items() if k in LOG_NAMES}
-            if len(row) > 1:  # more than the epoch: the end-of-training summary has none of these
-                run.log(step=state.global_step, **row)
-                print(f"step {state.global_step}: " + "  ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
-            if "loss" in (logs or {}):
-                run.update(0, loss=logs["loss"])  # a NaN or infinite loss stops the run here
-
-        def on_step_end(self, args, state, control, **kwargs):
-            run.position.step = state.global_step
-            if distributed.any_rank(run.stop_requested):  # every process stops after the same step
-                self.interrupted = True
-                control.should_save = control.should_training_stop = True
-
-    run.watch_interrupts()
-
     steps = cfg.epochs * -(-len(data["train"]) // cfg.batch_size)  # ceil: the last batch may be short
     args = TrainingArguments(
-        output_dir=str(run.dir / "checkpoints"),  # the Trainer's checkpoints, for --resume
         num_train_epochs=cfg.epochs,
         per_device_train_batch_size=max(1, cfg.batch_size // run.world_size),  # --batch-size is the global batch
         per_device_eval_batch_size=128,  # no gradients when evaluating: bigger batches fit
@@ -214,9 +188,7 @@ def main(cfg: Config) -> dict[str, float]:
         train_sampling_strategy="group_by_length",
         eval_strategy="epoch",  # validation accuracy after every epoch
         logging_steps=max(1, min(50, steps // 10)),  # every 50 steps, or 10 points on the curve of a short run
-        save_strategy="steps" if run.options.save_every else "epoch",  # --save-every N steps, else every epoch
-        save_steps=run.options.save_every or 500,
-        save_total_limit=run.options.keep,
+        **hf_trainer.save_arguments(run),  # checkpoints in the run directory: every epoch, or --save-every N steps
         use_cpu=device.type == "cpu",
         bf16=precision == "bf16",  # mixed precision: tensor cores, half the activation memory
         fp16=precision == "fp16",  # the Trainer adds the GradScaler itself
@@ -229,15 +201,14 @@ def main(cfg: Config) -> dict[str, float]:
         report_to="none",
         disable_tqdm=not sys.stdout.isatty(),  # a bar on a terminal, our plain step lines in CI logs
     )
-    forward_logs = ForwardLogs()
+    # Trainer logs -> metrics.jsonl; a NaN loss stops the run; Ctrl-C saves a checkpoint and stops training.
+    to_run = hf_trainer.RunCallback(run)
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
                       processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
-                      compute_metrics=accuracy, callbacks=[forward_logs])
+                      compute_metrics=accuracy, callbacks=[to_run])
     trainer.remove_callback(PrinterCallback)  # it would print each log dict a second time
-    result = trainer.train(resume_from_checkpoint=str(run.trainer_checkpoint) if run.trainer_checkpoint else None)
-    if forward_logs.interrupted:
-        raise run.interrupted(max((run.dir / "checkpoints").glob("checkpoint-*"), key=lambda p: p.stat().st_mtime,
-                                  default=run.dir / "checkpoints"))
+    result = trainer.train(resume_from_checkpoint=hf_trainer.resume_checkpoint(run))
+    to_run.raise_if_interrupted()  # after Ctrl-C: exit 130, naming the checkpoint to resume from
 
     test = trainer.evaluate(data["test"], metric_key_prefix="test")  # with N processes: each scores a shard
     if run.is_main:
@@ -254,13 +225,7 @@ def main(cfg: Config) -> dict[str, float]:
 def predict(run_dir: str | Path, inputs: list[str]) -> list[dict]:
     """Label probabilities for each text, most likely first, through a `text-classification` pipeline."""
     run_dir = Path(run_dir)
-    try:
-        recipe = json.loads((run_dir / "config.json").read_text())["meta"]["recipe"]  # written by Run
-    except (OSError, ValueError, KeyError, TypeError):
-        recipe = None
-    if recipe != recipe_id(__file__):
-        what = f"a run of '{recipe}'" if recipe else "not a run directory (no config.json)"
-        raise UserError(f"{run_dir} is {what}, not '{recipe_id(__file__)}'.")
+    read_run_config(run_dir, recipe_id(__file__))  # a run directory of this recipe, or one clear error
     if not (run_dir / "model" / "model.safetensors").is_file():
         raise UserError(f"{run_dir} has no model/; did that run finish?")
     if not inputs:

@@ -104,3 +104,29 @@ def test_unknown_model_folder(tmp_path: Path) -> None:
 def test_non_positive_flags() -> None:
     assert_one_line_error(runner.invoke(app, ["run", "bert-finetune", "--max-length", "0"]),
                           "--max-length must be positive")
+
+
+def test_the_trainer_callback_stops_a_run_whose_loss_is_not_finite(tmp_path: Path) -> None:
+    """hf_trainer.RunCallback: a NaN training loss in a Trainer log ends the run with exit code 3, naming the
+    step, the newest Trainer checkpoint and a lower learning rate; nothing of it reaches metrics.jsonl."""
+    from types import SimpleNamespace
+
+    from dlnotes import hf_trainer
+    from dlnotes.errors import TrainingDiverged
+    from dlnotes.tracking import Run
+
+    info = catalog.get("bert-finetune")
+    recipe = catalog.load_module(info)
+    cfg = recipe.Config(**catalog.config_values(info, smoke=True, device="cpu", out=str(tmp_path)))
+    run = Run(recipe.__file__, cfg, resume_from=hf_trainer.resume_point)
+    (run.dir / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    callback = hf_trainer.RunCallback(run)
+    args = SimpleNamespace(**hf_trainer.save_arguments(run))
+    callback.on_log(args, SimpleNamespace(global_step=4, epoch=0.5), None, logs={"loss": 0.69, "epoch": 0.5})
+    with pytest.raises(TrainingDiverged) as stop:
+        callback.on_log(args, SimpleNamespace(global_step=6, epoch=1.5), None, logs={"loss": float("nan")})
+    assert stop.value.exit_code == 3
+    assert str(stop.value).startswith("loss became nan at step 6 (epoch 2); training stopped.")
+    assert f"Last good checkpoint: {run.dir / 'checkpoints' / 'checkpoint-4'}." in str(stop.value)
+    assert f"lower learning rate than --lr {cfg.lr}" in str(stop.value)
+    assert [json.loads(line)["step"] for line in (run.dir / "metrics.jsonl").read_text().splitlines()] == [4]

@@ -116,6 +116,7 @@ def test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(out
 @pytest.mark.parametrize("args, fragment", [
     (["run", "cnn-mnist", "--resume", "{run}"], "is a run of 'mlp', not 'cnn-mnist'"),
     (["run", "mlp", "--resume", "{run}", "--hidden", "32"], "--hidden cannot change"),
+    (["run", "mlp", "--resume", "{run}", "--lr", "1"], "only --epochs, --total-steps, --device, --out can"),
     (["run", "mlp", "--resume", "{empty}"], "not a run directory"),
 ])
 def test_resume_errors(args: list[str], fragment: str, out_dir: Path, tmp_path: Path) -> None:
@@ -185,3 +186,129 @@ def test_seq2seq_resumes_and_trains_on(out_dir: Path) -> None:
     more = runner.invoke(app, ["run", "seq2seq", "--resume", str(run_dir), "--epochs", "8"])
     assert more.exit_code == 0, more.output
     assert [r["epoch"] for r in rows(run_dir)] == list(range(1, 9))
+
+
+# --- in-process: main(cfg) with the launch options in a context, as the CLI gives them --------------------------
+
+
+def mlp_config(out: Path):
+    from dlnotes import catalog
+
+    info = catalog.get("mlp")
+    module = catalog.load_module(info)
+    values = catalog.config_values(info, epochs=2, limit_batches=10, batch_size=32, device="cpu", out=str(out))
+    return module, module.Config(**values)
+
+
+def test_main_interrupted_and_resumed_in_process_matches_an_uninterrupted_run(tmp_path: Path, monkeypatch) -> None:
+    """The same exact-resume promise as the subprocess test, without a subprocess: a Ctrl-C sent to this very
+    process from inside step 13 (epoch 2, batch 3), then `main(cfg)` again under `options.using(--resume)`."""
+    import os
+
+    from dlnotes import options
+    from dlnotes.errors import TrainingInterrupted
+    from dlnotes.tracking import Run
+
+    mlp, cfg = mlp_config(tmp_path / "a")
+    mlp.main(cfg)
+    reference = latest_run(tmp_path / "a", "mlp")
+
+    calls = 0
+    update = Run.update
+
+    def update_then_ctrl_c(self, samples, **values):
+        nonlocal calls
+        update(self, samples, **values)
+        calls += 1
+        if calls == 13:
+            os.kill(os.getpid(), signal.SIGINT)  # handled by the Run: a stop request at this step's boundary
+
+    monkeypatch.setattr(Run, "update", update_then_ctrl_c)
+    _, cfg = mlp_config(tmp_path / "b")
+    with pytest.raises(TrainingInterrupted, match="Interrupted at step 13"):
+        mlp.main(cfg)
+    monkeypatch.setattr(Run, "update", update)
+    run_dir = latest_run(tmp_path / "b", "mlp")
+    assert [p.name for p in (run_dir / "checkpoints").glob("last-*.pt")] == ["last-00000013.pt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the Run gave Ctrl-C back
+
+    with options.using(options.RunOptions(resume=str(run_dir))):
+        mlp.main(cfg)
+    assert options.current_launch().options.resume == ""  # the options ended with the block
+    assert rows(run_dir) == rows(reference)
+    for name, tensor in weights(reference).items():
+        torch.testing.assert_close(weights(run_dir)[name], tensor, rtol=0, atol=0)
+    assert json.loads((run_dir / "config.json").read_text())["resumed"][0]["from"] == "last-00000013.pt"
+
+
+def test_run_takes_the_target_from_the_launchers_catalog_entry(tmp_path: Path, monkeypatch) -> None:
+    """Run does not parse the recipe file again: the launcher's entry (or the catalog's) has the TARGET."""
+    from dataclasses import replace
+
+    from dlnotes import catalog, options, tracking
+
+    def refuse(path):
+        raise AssertionError(f"read {path} again")
+
+    monkeypatch.setattr(tracking, "read_recipe", refuse)
+    info = catalog.get("mlp")
+    mlp, cfg = mlp_config(tmp_path)
+    assert tracking.Run(mlp.__file__, cfg).target == info.target  # from the catalog, read once per process
+    launched = replace(info, target=catalog.Target("test_loss", 0.5, "<="))
+    with options.using(options.RunOptions(), recipe=launched):
+        assert tracking.Run(mlp.__file__, cfg).target == launched.target
+
+
+def test_tracking_does_not_import_the_command_line_layer() -> None:
+    code = "import sys, dlnotes.tracking; print(sorted(m for m in sys.modules if m in ('click', 'dlnotes.flags')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
+
+
+# --- durable writes ------------------------------------------------------------------------------------------------
+
+
+def test_a_save_interrupted_half_way_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_path: Path,
+                                                                                          monkeypatch) -> None:
+    """A second Ctrl-C landing inside torch.save (issue 12: last-00000127.pt.tmp was left behind)."""
+    from dlnotes.checkpoint import atomic_save
+
+    path = tmp_path / "last-00000127.pt"
+    atomic_save({"model": {"w": torch.ones(3)}}, path)
+    real_save = torch.save
+
+    def save_half_then_ctrl_c(obj, f, *args, **kwargs):
+        data = b"PK\x03\x04 half a zip file"
+        if isinstance(f, (str, Path)):
+            Path(f).write_bytes(data)
+        else:
+            f.write(data)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", save_half_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"model": {"w": torch.zeros(3)}}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    torch.testing.assert_close(torch.load(path, weights_only=True)["model"]["w"], torch.ones(3))
+
+
+def test_durable_text_writes_keep_the_old_file_on_error_and_ordinary_permissions(tmp_path: Path) -> None:
+    import os
+
+    from dlnotes.durable import write_durably, write_text_durably
+
+    path = tmp_path / "config.json"
+    write_text_durably(path, '{"a": 1}')
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    assert path.stat().st_mode == plain.stat().st_mode  # not mkstemp's private 0600
+
+    def fail_half_way(file):
+        file.write(b'{"a": ')
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        write_durably(path, fail_half_way)
+    assert path.read_text() == '{"a": 1}'
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "plain.json"]

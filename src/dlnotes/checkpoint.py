@@ -1,4 +1,4 @@
-"""Checkpoints: model state + config + metadata in one file, written atomically, read with weights_only=True.
+"""Checkpoints: model state + config + metadata in one file, written durably, read with weights_only=True.
 
 `weights_only=True` means a checkpoint can only hold tensors and plain containers: a file with pickled code
 in it is refused instead of run.
@@ -6,7 +6,6 @@ in it is refused instead of run.
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import zipfile
@@ -19,6 +18,7 @@ import torch
 
 from dlnotes import __version__
 from dlnotes.distributed import main_rank_only, unwrap
+from dlnotes.durable import write_durably
 from dlnotes.errors import UserError
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -27,7 +27,7 @@ FORMAT = 1
 
 @main_rank_only
 def save_checkpoint(run_dir: Path, recipe: str, model: torch.nn.Module, config: Any, **extra: Any) -> Path:
-    """Write `run_dir/checkpoint.pt` via a temporary file and an atomic rename, so a crash never leaves half a file."""
+    """Write `run_dir/checkpoint.pt` durably (see `atomic_save`)."""
     return atomic_save(checkpoint_state(recipe, model, config, **extra), Path(run_dir) / CHECKPOINT_NAME)
 
 
@@ -44,11 +44,10 @@ def checkpoint_state(recipe: str, model: torch.nn.Module, config: Any, **extra: 
 
 
 def atomic_save(state: dict[str, Any], path: Path) -> Path:
-    """torch.save to a temporary file, then rename: a second Ctrl-C or a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+    """torch.save through `durable.write_durably`: a uniquely named temporary file in the same folder, fsynced and
+    renamed over `path`. A second Ctrl-C, a full disk or a crash leaves the previous file whole and no
+    temporary file behind."""
+    return write_durably(path, lambda file: torch.save(state, file))
 
 
 def load_checkpoint(run_dir: str | Path, recipe: str) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -18,26 +17,11 @@ import click
 from dlnotes.catalog import RecipeInfo
 from dlnotes.distributed import LAUNCH_FLAGS
 from dlnotes.errors import UserError
-
-
-@dataclass
-class RunOptions:
-    """Options of the launch itself, not of the recipe: the same for every recipe."""
-
-    smoke: bool = False
-    resume: str = ""  # a run directory to continue
-    save_every: int = 0  # also checkpoint every N optimizer steps (every epoch end always checkpoints)
-    keep: int = 1  # how many of the newest step checkpoints to keep (fasttext's are 190 MB each)
-    nproc: int = 1  # processes on this machine (torchrun's --nproc-per-node)
-    nnodes: int = 1  # machines in the job
-    node_rank: int = 0  # this machine's index, 0 .. nnodes - 1
-    rdzv_endpoint: str = ""  # HOST:PORT of node 0, where the processes meet
-
-    explicit: frozenset[str] = frozenset()  # the Config fields given on the command line
-
+from dlnotes.options import RunOptions
 
 RUN_OPTION_HELP = {
-    "resume": "Continue the run in this directory from its newest checkpoint (only --epochs/--device may change).",
+    "resume": "Continue the run in this directory from its newest checkpoint (only --epochs, --total-steps, "
+              "--device and --out may change).",
     "save_every": "Also write a checkpoint every N optimizer steps (0 = only at the end of each epoch).",
     "keep": "Keep the newest N step checkpoints (plus best.pt).",
     "nproc": "Train with N processes on this machine (torchrun + DistributedDataParallel).",

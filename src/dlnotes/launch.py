@@ -15,8 +15,9 @@ from typing import Any
 from dlnotes import distributed
 from dlnotes.catalog import RecipeInfo, load_module, read_module
 from dlnotes.errors import TrainingInterrupted, UserError
-from dlnotes.flags import RunOptions, parse_args
-from dlnotes.tracking import RESUMABLE_CHANGES, read_run_config, use_options
+from dlnotes.flags import parse_args
+from dlnotes.options import RESUMABLE_CHANGES, RunOptions, using
+from dlnotes.runfiles import read_run_config
 
 
 def quiet_idle_threads() -> None:
@@ -45,7 +46,7 @@ def resume_values(info: RecipeInfo, given: dict[str, Any], options: RunOptions) 
     refused = sorted(options.explicit - set(RESUMABLE_CHANGES))
     if refused:
         flags = ", ".join("--" + name.replace("_", "-") for name in refused)
-        allowed = ", ".join("--" + name for name in RESUMABLE_CHANGES)
+        allowed = ", ".join("--" + name.replace("_", "-") for name in RESUMABLE_CHANGES)
         raise UserError(f"--resume keeps the run's flags; {flags} cannot change (only {allowed} can).")
     return values
 
@@ -65,16 +66,15 @@ def execute(info: RecipeInfo, args: list[str], prog: str, module: ModuleType | N
         if not distributed.is_main():
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 alone prints; errors still reach stderr
         module = module or load_module(info)
-        use_options(options)
         finished = False
         try:
-            module.main(build_config(module, values))
+            with using(options, recipe=info):  # the Run made inside main() reads them; they end with this launch
+                module.main(build_config(module, values))
             finished = True
         except TrainingInterrupted:
             finished = True  # every rank stopped after the same step
             raise
         finally:
-            use_options(RunOptions())  # the options belong to this launch only
             distributed.stop(finished)
         return 0
     except TrainingInterrupted as stop:

@@ -1,0 +1,58 @@
+"""Durable writes: a file a run writes is either the old version or the whole new one, never half of either.
+
+Every run file that is rewritten (checkpoints, config.json, summary.json, metrics.jsonl on resume) goes
+through `write_durably`: the bytes go to a temporary file with a unique name in the same folder, are flushed
+and fsynced, the temporary file is renamed over the target (`os.replace`, atomic on one file system), and
+the folder is fsynced so the rename itself survives a power cut. Whatever interrupts the write (a second
+Ctrl-C, a full disk, a crash in the serializer) removes the temporary file before the error goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+_UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it) and put back at once
+os.umask(_UMASK)
+
+
+def write_durably(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Call `write(file)` on a temporary file next to `path`, then make it `path` in one atomic step."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        if hasattr(os, "fchmod"):  # mkstemp makes the file private (0600); a run file is an ordinary file
+            os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt too: the second Ctrl-C must not leave its temporary file behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(path.parent)
+    return path
+
+
+def write_text_durably(path: Path, text: str) -> Path:
+    return write_durably(path, lambda file: file.write(text.encode("utf-8")))
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable. Folders cannot be opened for fsync on every platform (Windows): skip there."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
