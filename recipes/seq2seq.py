@@ -120,6 +120,14 @@ def target_tokens(text: str) -> list[str]:
     return word_tokens(text, lower=False)  # Spanish keeps its case: BLEU compares with cased references
 
 
+def build_vocabs(train_pairs: list[tuple[str, str]], cfg: Config) -> tuple[Vocab, Vocab]:
+    """English and Spanish vocabularies from the training split only. In toy every word counts; in the Bible a
+    word seen once is mostly a name or a typo and becomes <unk> (which then gets trained)."""
+    min_count = 1 if cfg.dataset == "toy" else 2
+    return (Vocab.build((source_tokens(en) for en, _ in train_pairs), min_count, cfg.max_vocab, SPECIALS),
+            Vocab.build((target_tokens(es) for _, es in train_pairs), min_count, cfg.max_vocab, SPECIALS))
+
+
 def encode_pairs(pairs, src_vocab: Vocab, tgt_vocab: Vocab, max_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(source ids, target ids) for pairs whose two sides fit in max_len tokens."""
     encoded = []
@@ -279,11 +287,7 @@ def main(cfg: Config) -> dict[str, float]:
     pairs = load_pairs(cfg)
     run = Run(__file__, cfg, device)
 
-    # Vocabularies from the training split only; in toy every word counts, in the Bible a word seen once
-    # is mostly a name or a typo and becomes <unk> (which then gets trained).
-    min_count = 1 if cfg.dataset == "toy" else 2
-    src_vocab = Vocab.build((source_tokens(en) for en, _ in pairs["train"]), min_count, cfg.max_vocab, SPECIALS)
-    tgt_vocab = Vocab.build((target_tokens(es) for _, es in pairs["train"]), min_count, cfg.max_vocab, SPECIALS)
+    src_vocab, tgt_vocab = build_vocabs(pairs["train"], cfg)
     short = {split: [(en, es) for en, es in pairs[split] if len(en.split()) <= cfg.eval_words]
              for split in ("validation", "test")}
     train = encode_pairs(pairs["train"], src_vocab, tgt_vocab, cfg.max_len)

@@ -216,6 +216,16 @@ def test_predict_on_the_cli(toy_run) -> None:
     assert result.stdout.strip() == "hello world: bonjour monde"
 
 
+def test_the_notes_per_token_loop_is_a_bench_baseline() -> None:
+    """`dlnotes bench seq2seq` also runs the notes' loop on the recipe's default model and data."""
+    from dlnotes import baselines
+
+    [loop] = baselines.for_recipe("seq2seq")
+    result = loop.run("cpu", sentences=2)
+    assert result["throughput"] > 0 and result["throughput_unit"] == "tokens/s" and result["sentences"] == 2
+    assert result["tokens"] >= 4  # at least a word and <eos> per sentence
+
+
 # --- bad input --------------------------------------------------------------------------------------------
 
 
