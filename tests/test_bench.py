@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+import pytest
 from conftest import assert_one_line_error
 
-from dlnotes import catalog
+from dlnotes import baselines, bench, catalog
 from dlnotes.bench import markdown_table, summarize, time_to_target
 from dlnotes.catalog import Target
 
@@ -84,3 +86,61 @@ def test_bench_refuses_an_unknown_recipe_and_a_zero_repeat(invoke) -> None:
 
 def test_bench_refuses_an_unknown_device(invoke) -> None:
     assert_one_line_error(invoke("bench", "mlp", "--device", "tpu"), "Unknown device 'tpu'")
+
+
+# --- baselines: the notes' own code, run in the same bench invocation -------------------------------------
+
+
+def fake_worker(info: catalog.RecipeInfo, device: str, folder: Path, attempt: int, baseline: str = "",
+                stem: str = "") -> dict:
+    """What the worker processes would return: the recipe at 3,000 tokens/s, its baseline at 120."""
+    if baseline:
+        return {"throughput": 120.0, "throughput_unit": "tokens/s", "wall_s": 5.0, "peak_rss_mib": 300.0}
+    return {"metric": 21.0, "target_met": True, "wall_s": 700.0, "time_to_target_s": 700.0, "throughput": 3000.0,
+            "throughput_unit": "tokens/s", "peak_rss_mib": 1500.0, "run_dir": str(folder / "runs" / "x")}
+
+
+def test_a_recipes_baseline_gets_a_row_with_the_ratio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench, "run_worker", fake_worker)
+    lines: list[str] = []
+    folder, rows = bench.run_bench([catalog.get("seq2seq")], 1, "cpu", tmp_path, report=lines.append)
+    report = json.loads((folder / "bench.json").read_text())
+    assert [r["recipe"] for r in report["recipes"]] == ["seq2seq"] and rows == report["recipes"]
+    base = report["baselines"][0]
+    assert base["baseline"] == "notes' per-token loop" and base["throughput"] == 120.0
+    assert base["throughput_ratio"] == 25.0 and base["met"] is None and base["time_to_target_ratio"] is None
+    table = (folder / "bench.md").read_text()
+    assert "| × baseline |" in table.splitlines()[2]
+    recipe_line, baseline_line = table.splitlines()[4:6]
+    assert recipe_line.startswith("| seq2seq | test_bleu ≥ 15 | 21.0000 | 1/1 |") and recipe_line.endswith("| — |")
+    assert baseline_line.startswith("| seq2seq baseline: notes' per-token loop | — | — | — |")
+    assert "| 120 tokens/s |" in baseline_line and baseline_line.endswith("| recipe 25.0× the throughput |")
+    assert "seq2seq baseline 'notes' per-token loop': 120 tokens/s in 5 s" in lines
+
+
+def test_baselines_that_meet_the_target_are_compared_by_time_too() -> None:
+    info = catalog.get("cnn-mnist")
+    recipe = bench.summarize(info, [{"metric": 0.986, "target_met": True, "wall_s": 30.0, "time_to_target_s": 10.0,
+                                     "throughput": 4000.0, "throughput_unit": "samples/s", "run_dir": "x"}])
+    base = bench.compare(recipe, bench.summarize(info, [
+        {"metric": 0.985, "target_met": True, "wall_s": 40.0, "time_to_target_s": 35.0, "throughput": 8000.0,
+         "throughput_unit": "samples/s"}], baseline="notes' loop"))
+    assert base["met"] == 1 and base["throughput_ratio"] == 0.5 and base["time_to_target_ratio"] == 3.5
+    table = markdown_table([recipe, base], {"gpu": None, "cpu": "Some CPU", "cores": 2, "versions": {}}, 1)
+    assert "| cnn-mnist baseline: notes' loop | test_acc ≥ 0.985 | 0.9850 | 1/1 | 35.0 | 40.0 |" in table
+    assert table.rstrip().endswith("| recipe 0.5× the throughput, 3.5× sooner to target |")
+
+
+def test_the_worker_runs_a_registered_baseline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's path for a baseline, in-process, with a fake that takes no time."""
+    def fake(device: str) -> dict:
+        return {"throughput": 50.0, "throughput_unit": "samples/s", "metric": 0.97, "device_seen": device}
+
+    monkeypatch.setitem(baselines.BASELINES, "mlp", [baselines.Baseline("mlp", "fake loop", fake)])
+    result_file = tmp_path / "result.json"
+    monkeypatch.setattr(sys, "argv", ["-c", "mlp", "cpu", str(tmp_path / "runs"), str(result_file), "fake loop"])
+    bench.bench_worker()
+    result = json.loads(result_file.read_text())
+    assert result["throughput"] == 50.0 and result["device_seen"] == "cpu" and result["target_met"] is True
+    assert result["wall_s"] >= 0 and result["peak_rss_mib"] > 0
+    assert not (tmp_path / "runs").exists()  # a baseline is not a recipe run: no run directory

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from dlnotes import catalog
 from dlnotes.checkpoint import save_checkpoint
 from dlnotes.cli import app
 from dlnotes.errors import UserError
-from dlnotes.text import Vocab
+from dlnotes.text import Vocab, corpus_bleu
 from dlnotes.tracking import latest_run
 
 
@@ -28,8 +30,7 @@ def seq2seq():
 def toy_run(seq2seq, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, float], Path]:
     """The SMOKE run: the notes' toy pairs, a small model, a few seconds."""
     out = tmp_path_factory.mktemp("runs")
-    info = catalog.get("seq2seq")
-    values = {f.name: f.default for f in info.fields} | info.smoke | {"device": "cpu", "out": str(out)}
+    values = catalog.config_values(catalog.get("seq2seq"), smoke=True, device="cpu", out=str(out))
     return seq2seq.main(seq2seq.Config(**values)), latest_run(out, "seq2seq")
 
 
@@ -41,6 +42,15 @@ def tiny_model(seq2seq, vocab: int = 20) -> torch.nn.Module:
 def invoke(*args: object):
     return CliRunner().invoke(app, [str(a) for a in args])
 
+
+def rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock column, which no two runs share."""
+    return [{k: v for k, v in json.loads(line).items() if k != "time_s"}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
 
 
 # --- data and model pieces --------------------------------------------------------------------------------
@@ -94,10 +104,32 @@ def test_beam_of_one_is_greedy(seq2seq) -> None:
     model = tiny_model(seq2seq)
     source, lengths = torch.tensor([[5, 6, 7], [8, 9, 0]]), torch.tensor([3, 2])
     greedy_ids, _ = seq2seq.greedy(model, source, lengths, max_steps=6)
-    beam_ids, _ = seq2seq.beam_search(model, source, lengths, max_steps=6, beam=1)
+    beam_ids, _ = seq2seq.beam_decode(model, source, lengths, max_steps=6, beam=1)
     for g, b in zip(greedy_ids.tolist(), beam_ids.tolist()):
         cut = lambda ids: ids[: ids.index(seq2seq.EOS_ID)] if seq2seq.EOS_ID in ids else ids  # noqa: E731
         assert cut(g) == cut(b)
+
+
+def test_beam_finds_a_better_sentence_than_greedy_and_returns_its_traces() -> None:
+    """A step function whose greedy first word leads nowhere: beam search keeps the second-best start alive."""
+    from dlnotes.beam import beam_search
+
+    bos, eos, pad = 0, 1, 2
+    # next-word logits after each last word: 3 looks best first, but after it nothing is likely (-1.7 per word
+    # for <eos>), while 4 leads to 5 <eos> with near certainty
+    table = torch.full((6, 6), -9.0)
+    table[bos, 3], table[bos, 4] = -0.5, -1.0
+    table[3], table[3, eos] = 0.0, 0.1
+    table[4, 5], table[5, eos] = 0.0, 0.0
+
+    def step(words: torch.Tensor, state: torch.Tensor):
+        return table[words[:, -1]], state + 1, words[:, -1] * 10  # trace: 10 x the word fed in
+
+    ids, traces = beam_search(step, torch.zeros(2 * 3, 1), batch=2, beam=3, max_steps=5, bos=bos, eos=eos, pad=pad)
+    assert ids.tolist()[0][:3] == [4, 5, eos] and ids.tolist()[1][:3] == [4, 5, eos]
+    assert traces.tolist()[0][:3] == [0, 40, 50]
+    greedy_ids, _ = beam_search(step, torch.zeros(2, 1), batch=2, beam=1, max_steps=5, bos=bos, eos=eos, pad=pad)
+    assert greedy_ids.tolist()[0][:2] == [3, eos]
 
 
 def test_unknown_names_are_copied_from_the_attended_source_word(seq2seq) -> None:
@@ -108,11 +140,11 @@ def test_unknown_names_are_copied_from_the_attended_source_word(seq2seq) -> None
     assert seq2seq.to_text(ids, [1, 0, 1, 2, 0, 0], words, spanish) == ["dijo", "Zecher"]
 
 
-def test_bleu_is_sacrebleu_on_a_known_pair(seq2seq) -> None:
+def test_bleu_is_sacrebleu_on_a_known_pair() -> None:
     # 7/8 unigrams, 6/7 bigrams, 5/6 trigrams, 4/5 four-grams match, same length: BLEU = 100 * 0.5 ** 0.25
-    assert seq2seq.bleu([["a", "b", "c", "d", "e", "f", "g", "h"]], ["a b c d e f g x"]) == pytest.approx(
+    assert corpus_bleu([["a", "b", "c", "d", "e", "f", "g", "h"]], ["a b c d e f g x"]) == pytest.approx(
         100 * 0.5 ** 0.25, abs=0.01)
-    assert seq2seq.bleu([["Sea", "la", "luz", ".", "Y", "fué", "la", "luz", "."]],
+    assert corpus_bleu([["Sea", "la", "luz", ".", "Y", "fué", "la", "luz", "."]],
                         ["Sea la luz. Y fué la luz."]) == pytest.approx(100.0)  # detokenized before scoring
 
 
@@ -127,7 +159,7 @@ def test_config_refuses_an_unknown_dataset(seq2seq) -> None:
 def test_toy_run_learns_the_pairs_exactly(seq2seq, toy_run) -> None:
     metrics, run_dir = toy_run
     assert all(math.isfinite(v) for v in metrics.values())
-    assert metrics["loop_tokens_per_s"] > 0 and metrics["tokens_per_s"] > 0
+    assert metrics["tokens_per_s"] > 0
     english = [en for en, _ in seq2seq.TOY_PAIRS]
     for beam in (1, 5):
         results = seq2seq.predict(run_dir, english, beam=beam)
@@ -142,10 +174,56 @@ def test_toy_run_writes_samples_and_attention(toy_run) -> None:
     assert "**English:** hello world" in samples and "**Greedy:** bonjour monde" in samples
 
 
+def test_same_seed_gives_the_same_run(seq2seq, toy_run, tmp_path: Path) -> None:
+    """The schedule and the stop follow the step count, not the clock: a second run repeats the first exactly."""
+    metrics, run_dir = toy_run
+    values = catalog.config_values(catalog.get("seq2seq"), smoke=True, device="cpu", out=str(tmp_path))
+    again = seq2seq.main(seq2seq.Config(**values))
+    assert {k: v for k, v in again.items() if k != "tokens_per_s"} == {
+        k: v for k, v in metrics.items() if k != "tokens_per_s"}
+    assert rows(latest_run(tmp_path, "seq2seq")) == rows(run_dir)
+
+
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(seq2seq, toy_run, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in the middle of an epoch, then --resume: every epoch's metrics and the final weights are those
+    of the uninterrupted SMOKE run."""
+    collate, calls = seq2seq.collate, []
+
+    def interrupting_collate(*args, **kwargs):  # 4 training batches and 1 validation batch an epoch
+        calls.append(1)
+        if len(calls) == 53:  # the 3rd batch of epoch 11
+            signal.raise_signal(signal.SIGINT)  # what Ctrl-C does: the run stops after this step
+        return collate(*args, **kwargs)
+
+    monkeypatch.setattr(seq2seq, "collate", interrupting_collate)
+    stopped = invoke("run", "seq2seq", "--smoke", "--device", "cpu", "--out", tmp_path)
+    assert stopped.exit_code == 130, stopped.output
+    run_dir = latest_run(tmp_path, "seq2seq")
+    assert not (run_dir / "checkpoint.pt").exists() and [r["epoch"] for r in rows(run_dir)] == list(range(1, 11))
+    monkeypatch.setattr(seq2seq, "collate", collate)
+    resumed = invoke("run", "seq2seq", "--resume", run_dir)
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming" in resumed.output and "batch 3" in resumed.output
+    assert rows(run_dir) == rows(toy_run[1])
+    for name, tensor in weights(toy_run[1]).items():
+        torch.testing.assert_close(weights(run_dir)[name], tensor, rtol=0, atol=0)
+
+
 def test_predict_on_the_cli(toy_run) -> None:
     result = invoke("predict", "seq2seq", "--run", toy_run[1], "hello world", "--beam", "3")
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == "hello world: bonjour monde"
+
+
+def test_the_notes_per_token_loop_is_a_bench_baseline() -> None:
+    """`dlnotes bench seq2seq` also runs the notes' loop on the recipe's default model and data."""
+    from dlnotes import baselines
+
+    [loop] = baselines.for_recipe("seq2seq")
+    result = loop.run("cpu", sentences=2)
+    assert result["throughput"] > 0 and result["throughput_unit"] == "tokens/s" and result["sentences"] == 2
+    assert result["tokens"] >= 4  # at least a word and <eos> per sentence
 
 
 # --- bad input --------------------------------------------------------------------------------------------

@@ -12,6 +12,9 @@ recipe's `main` in-process, then reads the run directory it wrote:
     ceiling          recipes with a `training_ceiling(cfg)` (cnn-mnist) also time their bare training step on
                      random in-memory batches in the same process; throughput / ceiling says how much the
                      data pipeline, augmentation and bookkeeping cost
+    baselines        a recipe's baselines (`dlnotes.baselines`: the notes' own code for the same task) run
+                     right after it, each in its own worker; their rows say how many times the recipe's
+                     throughput theirs is (and how many times sooner the recipe met the target, when both did)
 
 `--repeat N` runs each recipe N times and reports medians. Results go to OUT/bench/STAMP/bench.json and
 bench.md (the Markdown table), with every run directory and log beside them.
@@ -30,7 +33,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from dlnotes import catalog
+from dlnotes import baselines, catalog
 from dlnotes.errors import UserError
 from dlnotes.tracking import list_runs, new_run_dir
 
@@ -54,27 +57,43 @@ def run_bench(infos: list[catalog.RecipeInfo], repeat: int, device: str, out: Pa
     """Run every recipe `repeat` times in worker processes; write bench.json and bench.md; return the folder
     and one summary row per recipe."""
     folder = new_run_dir(out, "bench")
-    rows = []
+    rows, baseline_rows = [], []
     for info in infos:
-        attempts = []
-        for attempt in range(1, repeat + 1):
-            report(f"{info.id}: run {attempt}/{repeat} ...")
-            result = run_worker(info, device, folder, attempt)
-            attempts.append(result)
-            report(f"{info.id}: " + (f"failed: {result['error']}" if "error" in result else
-                                     f"{info.target.metric} {result['metric']:.4g} in {result['wall_s']:.0f} s"))
-        rows.append(summarize(info, attempts))
+        rows.append(summarize(info, run_attempts(info, "", repeat, device, folder, report)))
+        for number, base in enumerate(baselines.for_recipe(info.id), 1):
+            attempts = run_attempts(info, base.name, repeat, device, folder, report, f"{info.id}-baseline{number}")
+            baseline_rows.append(compare(rows[-1], summarize(info, attempts, baseline=base.name)))
     machine = describe_machine(device)
-    (folder / "bench.json").write_text(json.dumps({"machine": machine, "repeat": repeat, "recipes": rows}, indent=2))
-    (folder / "bench.md").write_text(markdown_table(rows, machine, repeat))
+    (folder / "bench.json").write_text(json.dumps({"machine": machine, "repeat": repeat, "recipes": rows,
+                                                   "baselines": baseline_rows}, indent=2))
+    (folder / "bench.md").write_text(markdown_table(rows + baseline_rows, machine, repeat))
     return folder, rows
 
 
-def run_worker(info: catalog.RecipeInfo, device: str, folder: Path, attempt: int) -> dict[str, Any]:
-    result_file = folder / f"{info.id}-{attempt}.json"
-    log_file = folder / f"{info.id}-{attempt}.log"
+def run_attempts(info: catalog.RecipeInfo, baseline: str, repeat: int, device: str, folder: Path, report: Any,
+                 stem: str = "") -> list[dict[str, Any]]:
+    """`repeat` worker runs of the recipe, or of its baseline named `baseline`."""
+    label = f"{info.id} baseline '{baseline}'" if baseline else info.id
+    attempts = []
+    for attempt in range(1, repeat + 1):
+        report(f"{label}: run {attempt}/{repeat} ...")
+        result = run_worker(info, device, folder, attempt, baseline, stem)
+        attempts.append(result)
+        if "error" in result:
+            report(f"{label}: failed: {result['error']}")
+        elif "metric" in result:
+            report(f"{label}: {info.target.metric} {result['metric']:.4g} in {result['wall_s']:.0f} s")
+        else:
+            report(f"{label}: {result['throughput']:,.4g} {result['throughput_unit']} in {result['wall_s']:.0f} s")
+    return attempts
+
+
+def run_worker(info: catalog.RecipeInfo, device: str, folder: Path, attempt: int, baseline: str = "",
+               stem: str = "") -> dict[str, Any]:
+    result_file = folder / f"{stem or info.id}-{attempt}.json"
+    log_file = folder / f"{stem or info.id}-{attempt}.log"
     command = [sys.executable, "-c", "from dlnotes.bench import bench_worker; bench_worker()",
-               info.id, device, str(folder / "runs"), str(result_file)]
+               info.id, device, str(folder / "runs"), str(result_file), baseline]
     with log_file.open("w") as log:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
     if code != 0 or not result_file.is_file():
@@ -84,14 +103,23 @@ def run_worker(info: catalog.RecipeInfo, device: str, folder: Path, attempt: int
 
 
 def bench_worker() -> None:
-    """In the worker process: argv = recipe id, device, runs folder, result file."""
+    """In the worker process: argv = recipe id, device, runs folder, result file, and the name of one of the
+    recipe's baselines to run instead of the recipe (empty: the recipe)."""
     import resource
 
     from dlnotes.launch import quiet_idle_threads
 
     recipe, device, runs, result_file = sys.argv[1:5]
+    baseline = sys.argv[5] if len(sys.argv) > 5 else ""
     quiet_idle_threads()
     info = catalog.get(recipe)
+    result = baseline_result(info, baseline, device) if baseline else recipe_result(info, device, runs)
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    Path(result_file).write_text(json.dumps(result))
+
+
+def recipe_result(info: catalog.RecipeInfo, device: str, runs: str) -> dict[str, Any]:
+    """Run the recipe's default configuration in this process and read what it reached from its run directory."""
     module = catalog.load_module(info)
     cfg = module.Config(**catalog.config_values(info, device=device, out=runs))
     start = time.perf_counter()
@@ -102,7 +130,6 @@ def bench_worker() -> None:
     result: dict[str, Any] = {
         "metric": float(metrics[target.metric]), "target_met": target.met(float(metrics[target.metric])),
         "wall_s": wall, "time_to_target_s": time_to_target(run_dir, target, metrics, wall),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux reports KiB
         "run_dir": str(run_dir),
     }
     for key, unit in THROUGHPUT_KEYS:
@@ -116,7 +143,18 @@ def bench_worker() -> None:
     if hasattr(module, "training_ceiling") and "throughput" in result:
         result["ceiling"] = float(module.training_ceiling(cfg))
         result["ceiling_fraction"] = result["throughput"] / result["ceiling"]
-    Path(result_file).write_text(json.dumps(result))
+    return result
+
+
+def baseline_result(info: catalog.RecipeInfo, name: str, device: str) -> dict[str, Any]:
+    """Run the recipe's baseline `name` in this process: its own fields, the wall time, and whether the target
+    holds when it reports the metric."""
+    start = time.perf_counter()
+    result = dict(baselines.find(info.id, name).run(device))
+    result["wall_s"] = time.perf_counter() - start
+    if result.get("metric") is not None:
+        result["target_met"] = info.target.met(float(result["metric"]))
+    return result
 
 
 def time_to_target(run_dir: Path, target: catalog.Target, metrics: dict[str, float], wall: float) -> float | None:
@@ -132,19 +170,35 @@ def time_to_target(run_dir: Path, target: catalog.Target, metrics: dict[str, flo
     return wall if final is not None and target.met(float(final)) else None
 
 
-def summarize(info: catalog.RecipeInfo, attempts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians over the successful attempts; how many met the target; the errors of the others."""
+def summarize(info: catalog.RecipeInfo, attempts: list[dict[str, Any]], baseline: str = "") -> dict[str, Any]:
+    """Medians over the successful attempts; how many met the target; the errors of the others. A baseline's
+    row names it, and has `met` None when it does not report the target metric."""
     good = [a for a in attempts if "error" not in a]
+    met = sum(bool(a.get("target_met")) for a in good)
     row: dict[str, Any] = {"recipe": info.id, "target": info.target.as_list(), "runs": len(attempts),
-                           "met": sum(a["target_met"] for a in good), "errors": [a["error"] for a in attempts
-                                                                                 if "error" in a]}
+                           "met": met if not baseline or any("target_met" in a for a in good) else None,
+                           "errors": [a["error"] for a in attempts if "error" in a]}
+    if baseline:
+        row["baseline"] = baseline
     for key in ("metric", "wall_s", "time_to_target_s", "throughput", "peak_rss_mib", "peak_cuda_mib", "ceiling",
                 "ceiling_fraction"):
         values = [a[key] for a in good if a.get(key) is not None]
         row[key] = statistics.median(values) if values else None
     row["throughput_unit"] = next((a["throughput_unit"] for a in good if "throughput_unit" in a), "")
-    row["run_dirs"] = [a["run_dir"] for a in good]
+    row["run_dirs"] = [a["run_dir"] for a in good if "run_dir" in a]  # baselines write no run directory
     return row
+
+
+def compare(recipe_row: dict[str, Any], baseline_row: dict[str, Any]) -> dict[str, Any]:
+    """The baseline's row with how many times the recipe's throughput theirs is, and how many times sooner the
+    recipe met the target (None where either number is missing)."""
+    def ratio(top: float | None, bottom: float | None) -> float | None:
+        return top / bottom if top and bottom else None
+
+    same_unit = recipe_row["throughput_unit"] == baseline_row["throughput_unit"]
+    return baseline_row | {
+        "throughput_ratio": ratio(recipe_row["throughput"], baseline_row["throughput"]) if same_unit else None,
+        "time_to_target_ratio": ratio(baseline_row["time_to_target_s"], recipe_row["time_to_target_s"])}
 
 
 def describe_machine(device: str) -> dict[str, Any]:
@@ -174,17 +228,29 @@ def markdown_table(rows: list[dict[str, Any]], machine: dict[str, Any], repeat: 
     lines = [f"Machine: {where}. {versions}. " + (f"Median of {repeat} runs." if repeat > 1 else "One run each."),
              "",
              "| recipe | target | final | met | time to target (s) | wall (s) | throughput | peak memory (MiB) "
-             "| of training ceiling |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| of training ceiling | × baseline |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        target = catalog.Target(*row["target"])
+        target = catalog.Target(*row["target"]) if row["met"] is not None else "—"  # a baseline without the metric
         throughput = f"{number(row['throughput'])} {row['throughput_unit']}" if row["throughput"] else "—"
         memory = number(row["peak_rss_mib"]) + (f" (+{number(row['peak_cuda_mib'])} GPU)" if row["peak_cuda_mib"]
                                                  else "")
         ceiling = (f"{row['ceiling_fraction']:.2f} of {number(row['ceiling'])} {row['throughput_unit']}"
                    if row["ceiling_fraction"] is not None else "—")
-        met = f"{row['met']}/{row['runs']}" + (" (errors)" if row["errors"] else "")
-        lines.append(f"| {row['recipe']} | {target} | {number(row['metric'], 4)} | {met} | "
+        met = ("—" if row["met"] is None else f"{row['met']}/{row['runs']}") + (" (errors)" if row["errors"] else "")
+        name = f"{row['recipe']} baseline: {row['baseline']}" if row.get("baseline") else row["recipe"]
+        lines.append(f"| {name} | {target} | {number(row['metric'], 4)} | {met} | "
                      f"{number(row['time_to_target_s'], 1)} | {number(row['wall_s'], 1)} | {throughput} | {memory} | "
-                     f"{ceiling} |")
+                     f"{ceiling} | {times_baseline(row)} |")
     return "\n".join(lines) + "\n"
+
+
+def times_baseline(row: dict[str, Any]) -> str:
+    """On a baseline's row: the recipe's throughput as a multiple of the baseline's (and the time-to-target
+    ratio when both met the target); "—" on a recipe's own row."""
+    parts = []
+    if row.get("throughput_ratio"):
+        parts.append(f"recipe {row['throughput_ratio']:,.1f}× the throughput")
+    if row.get("time_to_target_ratio"):
+        parts.append(f"{row['time_to_target_ratio']:,.1f}× sooner to target")
+    return ", ".join(parts) or "—"

@@ -262,19 +262,6 @@ def replica_difference(model: Any) -> float:
     return float(difference.item())
 
 
-def rank_zero_value(value: float) -> float:
-    """Rank 0's number on every rank: a wall-clock reading that must be the same everywhere (a time budget
-    that sets the learning rate and the stop would otherwise differ per process and the replicas drift)."""
-    if not active():
-        return value
-    import torch
-    import torch.distributed as dist
-
-    box = torch.tensor([value], dtype=torch.float64, device=_collective_device())
-    dist.broadcast(box, src=0)
-    return float(box.item())
-
-
 def _collective_device() -> Any:
     """Where a small tensor for a collective must live: nccl reduces GPU tensors only, gloo CPU ones."""
     import torch

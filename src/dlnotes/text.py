@@ -5,8 +5,10 @@
     vocab = Vocab.build(token_lists, min_count=2, specials=("<pad>", "<unk>"))
     vocab.encode(["panic", "zyzzyva"]) -> [57, 1]                      (unknown tokens -> <unk>)
     Vocab(vocab.tokens)                                                (a plain list: what checkpoints keep)
+    corpus_bleu([["Sea", "la", "luz", "."]], ["Sea la luz."]) -> 100.0  (sacreBLEU on detokenized output)
 
-Standard library only: importing this module does not import torch.
+Standard library only at import (corpus_bleu imports sacrebleu when called): importing this module does
+not import torch.
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ def detokenize(tokens: Iterable[str]) -> str:
     """Join word tokens into text: no space before closing punctuation, none after opening marks (¿ ¡ ()."""
     text = " ".join(tokens)
     return NO_SPACE_AFTER.sub(r"\1", NO_SPACE_BEFORE.sub(r"\1", text))
+
+
+def corpus_bleu(hypotheses: list[list[str]], references: list[str]) -> float:
+    """sacreBLEU (13a tokenization, cased) of detokenized outputs against the raw reference sentences, as
+    translation papers report it: the references are not tokenized by us."""
+    import sacrebleu  # only the translation recipes need it
+
+    return sacrebleu.corpus_bleu([detokenize(h) for h in hypotheses], [references]).score
 
 
 class Vocab:

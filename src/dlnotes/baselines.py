@@ -1,0 +1,94 @@
+"""Baselines for `dlnotes bench`: the plain code a recipe replaces, run in the same bench invocation so that a
+speed claim is a ratio measured side by side, not a number from another day.
+
+    BASELINES["seq2seq"] -> [Baseline("seq2seq", "notes' per-token loop", seq2seq_per_token_loop)]
+
+A baseline is registered for a recipe id with `@baseline(recipe_id, name)`. It is a function
+`run(device: str) -> dict` returning the result fields of a recipe run that apply to it:
+
+    throughput, throughput_unit    required: the same unit as the recipe's, so the two divide
+    metric, time_to_target_s       optional: the recipe's TARGET metric and when the baseline met it
+
+`bench` runs each baseline in its own worker process, like a recipe, and adds the ratios to its row. The
+lesson stays in the recipe file; the slow way it improves on lives here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dlnotes import catalog
+
+
+@dataclass(frozen=True)
+class Baseline:
+    recipe: str  # the recipe id it is compared with
+    name: str  # shown in the bench table
+    run: Callable[[str], dict[str, Any]]  # device -> result fields
+
+
+BASELINES: dict[str, list[Baseline]] = {}
+
+
+def baseline(recipe: str, name: str) -> Callable[[Callable[[str], dict[str, Any]]], Callable[[str], dict[str, Any]]]:
+    """Register the decorated function as a baseline of `recipe`."""
+    def register(function: Callable[[str], dict[str, Any]]) -> Callable[[str], dict[str, Any]]:
+        BASELINES.setdefault(recipe, []).append(Baseline(recipe, name, function))
+        return function
+    return register
+
+
+def for_recipe(recipe: str) -> list[Baseline]:
+    return list(BASELINES.get(recipe, []))
+
+
+def find(recipe: str, name: str) -> Baseline:
+    return next(b for b in for_recipe(recipe) if b.name == name)
+
+
+# --- seq2seq ----------------------------------------------------------------------------------------------
+
+
+@baseline("seq2seq", "notes' per-token loop")
+def seq2seq_per_token_loop(device: str, sentences: int = 64) -> dict[str, Any]:
+    """The notes' training loop: one sentence at a time, one target word at a time, on the recipe's model at its
+    default size, its training pairs and vocabularies, with the same optimizer and clipping. Trains on a fixed
+    random sample of `sentences` pairs (a mix of lengths) and returns target tokens (words + <eos>) per second."""
+    import torch
+    import torch.nn.functional as F
+
+    from dlnotes.device import pick_device, seed_everything
+
+    info = catalog.get("seq2seq")
+    recipe = catalog.load_module(info)
+    cfg = recipe.Config(**catalog.config_values(info, device=device))
+    where = pick_device(cfg.device)
+    generator = seed_everything(cfg.seed)
+    pairs = recipe.load_pairs(cfg)
+    src_vocab, tgt_vocab = recipe.build_vocabs(pairs["train"], cfg)
+    train = recipe.encode_pairs(pairs["train"], src_vocab, tgt_vocab, cfg.max_len)
+    model = recipe.Seq2Seq(len(src_vocab), len(tgt_vocab), cfg.hidden, cfg.dropout).to(where).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    chosen = torch.randperm(len(train), generator=generator)[:sentences].tolist()
+
+    tokens, start = 0, time.perf_counter()
+    for i in chosen:
+        src, tgt = train[i]
+        memory, mask, state = model.encode(src[None].to(where), torch.tensor([len(src)]))  # one sentence: (1, S, H)
+        loss, word = 0.0, torch.tensor([[recipe.BOS_ID]], device=where)
+        for next_word in [*tgt.tolist(), recipe.EOS_ID]:  # one word at a time
+            logits, state, _ = model.decode(word, state, memory, mask)  # (1, 1, V)
+            loss = loss + F.cross_entropy(logits[0], torch.tensor([next_word], device=where))
+            word = torch.tensor([[next_word]], device=where)  # teacher forcing, one step later
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        optimizer.step()
+        tokens += len(tgt) + 1
+    if where.type == "cuda":
+        torch.cuda.synchronize()  # the GPU may still be working on the last steps
+    return {"throughput": tokens / (time.perf_counter() - start), "throughput_unit": "tokens/s",
+            "sentences": len(chosen), "tokens": tokens}
