@@ -97,3 +97,40 @@ def test_an_unreachable_rendezvous_endpoint_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr  # one line, no C++ log
     assert result.stderr.startswith("error: the processes could not meet at the rendezvous endpoint within 3 s")
+
+
+SLOW_SAVES = """
+import os
+if "RANK" in os.environ:  # torchrun's workers only: every training-state checkpoint takes SLOW_SAVE_S longer
+    import time
+    from dlnotes import checkpoint
+    real_atomic_save = checkpoint.atomic_save
+    def slow_atomic_save(state, path):
+        time.sleep(float(os.environ["SLOW_SAVE_S"]))
+        return real_atomic_save(state, path)
+    checkpoint.atomic_save = slow_atomic_save
+"""
+
+
+@pytest.mark.parametrize("grace", [60, 2])
+def test_workers_get_the_shutdown_grace_to_write_their_checkpoint(tmp_path: Path, grace: int) -> None:
+    """SIGTERM to the launcher: with enough grace the workers finish a slow checkpoint and exit 143; with too
+    little, torchrun kills them mid-save (so the grace, 300 s by default instead of torchrun's 30, is what matters),
+    and still nothing is left running."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_SAVES)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]),
+                        "SLOW_SAVE_S": "6", "DLNOTES_SHUTDOWN_GRACE_S": str(grace)}
+    process = subprocess.Popen([DLNOTES, "run", "mlp", "--epochs", "50", "--nproc", "2", "--device", "cpu",
+                                "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env)
+    _wait_for_training(process, tmp_path, time.time() + 180)
+    family = psutil.Process(process.pid).children(recursive=True)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode == 143
+    assert not psutil.wait_procs(family, timeout=10)[1]
+    if grace == 60:
+        assert "Interrupted at step" in stderr and "--resume" in stderr, stderr
+    else:
+        assert "Interrupted at step" not in stderr, stderr

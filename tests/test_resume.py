@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 from dlnotes.cli import app
+from dlnotes.errors import UserError
 from dlnotes.tracking import latest_run, new_run_dir
 
 DLNOTES = str(Path(sys.executable).with_name("dlnotes"))
@@ -31,8 +33,9 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
 
 
-def start_and_interrupt(out: Path, signals: int = 1) -> tuple[subprocess.CompletedProcess, Path]:
-    """Start a real mlp run, wait until its first epoch is checkpointed, then send SIGINT at a random moment
+def start_and_interrupt(out: Path, signals: int = 1, signum: int = signal.SIGINT
+                        ) -> tuple[subprocess.CompletedProcess, Path]:
+    """Start a real mlp run, wait until its first epoch is checkpointed, then send `signum` at a random moment
     of the epochs after it."""
     process = subprocess.Popen([DLNOTES, "run", "mlp", *MLP_FLAGS, "--out", str(out)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -41,20 +44,21 @@ def start_and_interrupt(out: Path, signals: int = 1) -> tuple[subprocess.Complet
         time.sleep(0.02)
     time.sleep(random.uniform(0.0, 0.3))
     for _ in range(signals):
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         time.sleep(0.01)
     stdout, stderr = process.communicate(timeout=120)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), latest_run(out, "mlp")
 
 
-def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path: Path, signum: int) -> None:
     straight = subprocess.run([DLNOTES, "run", "mlp", *MLP_FLAGS, "--out", str(tmp_path / "a")],
                               capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr
     reference = latest_run(tmp_path / "a", "mlp")
 
-    stopped, run_dir = start_and_interrupt(tmp_path / "b")
-    assert stopped.returncode == 130, stopped.stderr
+    stopped, run_dir = start_and_interrupt(tmp_path / "b", signum=signum)
+    assert stopped.returncode == 128 + signum, stopped.stderr  # 130 after Ctrl-C, 143 after SIGTERM
     assert "Traceback" not in stopped.stderr
     assert f"dlnotes run mlp --resume {run_dir}" in stopped.stderr
     assert list((run_dir / "checkpoints").glob("last-*.pt"))
@@ -268,29 +272,74 @@ def test_tracking_does_not_import_the_command_line_layer() -> None:
 # --- durable writes ------------------------------------------------------------------------------------------------
 
 
+def files_that_fail_half_way(monkeypatch, error: BaseException) -> None:
+    """Every durable write from now on writes half of its bytes, then `error` happens (a full disk, a Ctrl-C)."""
+    import os
+
+    from dlnotes import durable
+
+    class HalfWay:
+        def __init__(self, file):
+            self._file = file
+
+        def write(self, data) -> int:
+            self._file.write(bytes(data)[: len(data) // 2])
+            raise error
+
+        def __getattr__(self, name):
+            return getattr(self._file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self._file.__exit__(*exc)
+
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(durable.os, "fdopen", lambda fd, mode: HalfWay(real_fdopen(fd, mode)))
+
+
 def test_a_save_interrupted_half_way_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_path: Path,
                                                                                           monkeypatch) -> None:
-    """A second Ctrl-C landing inside torch.save (issue 12: last-00000127.pt.tmp was left behind)."""
+    """A second Ctrl-C landing inside a checkpoint's write (issue 12: last-00000127.pt.tmp was left behind)."""
     from dlnotes.checkpoint import atomic_save
 
     path = tmp_path / "last-00000127.pt"
     atomic_save({"model": {"w": torch.ones(3)}}, path)
-    real_save = torch.save
-
-    def save_half_then_ctrl_c(obj, f, *args, **kwargs):
-        data = b"PK\x03\x04 half a zip file"
-        if isinstance(f, (str, Path)):
-            Path(f).write_bytes(data)
-        else:
-            f.write(data)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", save_half_then_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        atomic_save({"model": {"w": torch.zeros(3)}}, path)
-    monkeypatch.setattr(torch, "save", real_save)
+    with monkeypatch.context() as patch:
+        files_that_fail_half_way(patch, KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            atomic_save({"model": {"w": torch.zeros(3)}}, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
     torch.testing.assert_close(torch.load(path, weights_only=True)["model"]["w"], torch.ones(3))
+
+
+def test_a_full_disk_while_training_is_one_line_naming_the_last_good_checkpoint(tmp_path: Path, monkeypatch,
+                                                                                 invoke) -> None:
+    """ENOSPC during the save after the first checkpoint (here best.pt): one error line, exit 2, the checkpoint
+    before it named and whole, no temporary file anywhere in the run."""
+    import errno
+
+    from dlnotes import training_state
+
+    real_save, full = training_state.TrainingState.save, []
+
+    def second_save_hits_a_full_disk(self, run_dir, *args, **kwargs):
+        if list((run_dir / "checkpoints").glob("last-*.pt")) and not full:
+            full.append(True)
+            files_that_fail_half_way(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
+        return real_save(self, run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(training_state.TrainingState, "save", second_save_hits_a_full_disk)
+    result = invoke("run", "mlp", "--epochs", "3", "--limit-batches", "3", "--device", "cpu", "--out", tmp_path)
+    run_dir = latest_run(tmp_path, "mlp")
+    good = run_dir / "checkpoints" / "last-00000003.pt"
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0], result.output
+    assert f"Last good checkpoint: {good}" in errors[0]
+    assert not list(run_dir.rglob("*.tmp")) and sorted((run_dir / "checkpoints").iterdir()) == [good]
+    torch.load(good, weights_only=True)  # whole
 
 
 def test_durable_text_writes_keep_the_old_file_on_error_and_ordinary_permissions(tmp_path: Path) -> None:
@@ -308,7 +357,31 @@ def test_durable_text_writes_keep_the_old_file_on_error_and_ordinary_permissions
         file.write(b'{"a": ')
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(UserError, match=f"Cannot write {path}: No space left on device"):
         write_durably(path, fail_half_way)
     assert path.read_text() == '{"a": 1}'
     assert sorted(os.listdir(tmp_path)) == ["config.json", "plain.json"]
+
+
+# --- one run directory, one process ------------------------------------------------------------------------------
+
+
+def test_a_second_resume_of_a_run_in_use_is_refused_naming_the_holder(out_dir: Path, smoke_run, invoke) -> None:
+    _, run_dir = smoke_run("mlp")
+    lock = run_dir / ".lock"
+    assert not lock.exists()  # a finished run holds no lock
+    lock.write_text("1\n")  # pid 1 is always alive: as if another dlnotes were resuming this run
+    assert_one_line_error(invoke("run", "mlp", "--resume", run_dir), "in use by process 1")
+    assert lock.read_text() == "1\n"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(gone.stdout)  # a lock whose process is gone is taken over
+    result = invoke("run", "mlp", "--resume", run_dir, "--epochs", "3")
+    assert result.exit_code == 0, result.output
+    assert not lock.exists()
+
+
+def test_resume_of_a_run_with_a_truncated_config_is_one_line(out_dir: Path, smoke_run, invoke) -> None:
+    _, run_dir = smoke_run("mlp")
+    config = run_dir / "config.json"
+    config.write_text(config.read_text()[:40])
+    assert_one_line_error(invoke("run", "mlp", "--resume", run_dir), "config.json is unreadable")

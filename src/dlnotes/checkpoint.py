@@ -6,6 +6,7 @@ in it is refused instead of run.
 
 from __future__ import annotations
 
+import io
 import pickle
 import random
 import zipfile
@@ -47,7 +48,11 @@ def atomic_save(state: dict[str, Any], path: Path) -> Path:
     """torch.save through `durable.write_durably`: a uniquely named temporary file in the same folder, fsynced and
     renamed over `path`. A second Ctrl-C, a full disk or a crash leaves the previous file whole and no
     temporary file behind."""
-    return write_durably(path, lambda file: torch.save(state, file))
+    # Serialized in memory first: torch.save turns an error of the file it writes to (a full disk) into an
+    # opaque RuntimeError; a plain write of the bytes keeps the OSError that says what happened.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return write_durably(path, lambda file: file.write(buffer.getbuffer()))
 
 
 def load_checkpoint(run_dir: str | Path, recipe: str) -> dict[str, Any]:

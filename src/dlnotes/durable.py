@@ -4,7 +4,8 @@ Every run file that is rewritten (checkpoints, config.json, summary.json, metric
 through `write_durably`: the bytes go to a temporary file with a unique name in the same folder, are flushed
 and fsynced, the temporary file is renamed over the target (`os.replace`, atomic on one file system), and
 the folder is fsynced so the rename itself survives a power cut. Whatever interrupts the write (a second
-Ctrl-C, a full disk, a crash in the serializer) removes the temporary file before the error goes on.
+Ctrl-C, a full disk, a crash in the serializer) removes the temporary file before the error goes on; an
+OSError (ENOSPC, EDQUOT, EROFS, ...) goes on as a one-line UserError naming the file.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from dlnotes.errors import UserError
+
 _UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it) and put back at once
 os.umask(_UMASK)
 
@@ -23,7 +26,10 @@ os.umask(_UMASK)
 def write_durably(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     """Call `write(file)` on a temporary file next to `path`, then make it `path` in one atomic step."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    except OSError as err:
+        raise UserError(f"Cannot write {path}: {err.strerror or err}.") from err
     try:
         if hasattr(os, "fchmod"):  # mkstemp makes the file private (0600); a run file is an ordinary file
             os.fchmod(fd, 0o666 & ~_UMASK)
@@ -32,9 +38,11 @@ def write_durably(path: Path, write: Callable[[BinaryIO], object]) -> Path:
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt too: the second Ctrl-C must not leave its temporary file behind
+    except BaseException as err:  # KeyboardInterrupt too: the second Ctrl-C must not leave its temporary file behind
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(err, OSError):  # a full disk, a quota, a read-only mount: the user's to fix, in one line
+            raise UserError(f"Cannot write {path}: {err.strerror or err}.") from err
         raise
     _fsync_folder(path.parent)
     return path

@@ -1,8 +1,11 @@
-"""Ctrl-C as a stop request: the first one asks training to stop at the next step boundary, the second quits.
+"""Stop signals as stop requests: the first one asks training to stop at the next step boundary, the second quits.
 
-The training loop polls `requested` at each step boundary, writes a checkpoint and ends with
-TrainingInterrupted; a second Ctrl-C raises KeyboardInterrupt at once (files are written durably, so
-whatever it interrupts leaves no half-written file).
+Ctrl-C (SIGINT), SIGTERM (what Slurm, Kubernetes, systemd and `timeout` send) and SIGUSR1 (Slurm's
+`--signal=USR1@SECONDS` warning before the time limit) all act the same: the training loop polls `requested`
+at each step boundary, writes a checkpoint and ends with TrainingInterrupted, whose exit code is 128 + the
+signal's number (130, 143, 138), as a shell reports a process ended by that signal. A second signal raises
+`StopNow` (a KeyboardInterrupt) at once; files are written durably, so whatever it interrupts leaves no
+half-written file.
 """
 
 from __future__ import annotations
@@ -12,31 +15,47 @@ import sys
 import threading
 from typing import Any
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGUSR1: "SIGUSR1"}
+
+
+class StopNow(KeyboardInterrupt):
+    """The second stop signal: quit at once, with exit code 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(NAMES.get(signum, str(signum)))
+        self.exit_code = 128 + signum
+
 
 class StopRequests:
     def __init__(self, announce: bool):
         self.requested = False
+        self.signum = signal.SIGINT  # which signal asked: it sets the exit code
         self._announce = announce  # rank 0 alone prints
-        self._previous: Any = None
-        self._watching = False
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
     def watch(self) -> None:
-        """Catch SIGINT from now on (only the main thread can install a handler; elsewhere Ctrl-C stays as is)."""
-        if not self._watching and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
-            self._watching = True
+        """Catch the stop signals from now on (only the main thread can install handlers; elsewhere they stay)."""
+        if not self._previous and threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.signal(signum, self._on_signal) for signum in STOP_SIGNALS}
 
     def release(self) -> None:
-        """Give SIGINT back to whoever handled it before `watch`."""
-        if self._watching and self._previous is not None:  # None: the handler was not installed from Python
-            signal.signal(signal.SIGINT, self._previous)
-        self._previous, self._watching = None, False
+        """Give each signal back to whoever handled it before `watch`."""
+        for signum, previous in self._previous.items():
+            if previous is not None:  # None: the handler was not installed from Python
+                signal.signal(signum, previous)
+        self._previous = {}
 
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        if self.requested:  # the second Ctrl-C: stop now
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
-        self.requested = True
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.requested:  # the second signal: stop now
+            self.release()
+            raise StopNow(signum)
+        self.requested, self.signum = True, signum
         if self._announce:
-            print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to quit at once)",
+            again = "Ctrl-C again" if signum == signal.SIGINT else "send it again"
+            print(f"\n{NAMES[signum]}: stopping after this step and saving a checkpoint ({again} to quit at once)",
                   file=sys.stderr, flush=True)

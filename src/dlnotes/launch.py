@@ -84,10 +84,10 @@ def execute(info: RecipeInfo, args: list[str], prog: str, module: ModuleType | N
     except UserError as err:
         print_error(str(err))
         return err.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # a second stop signal (interrupts.StopNow), or Ctrl-C before training
         if distributed.is_main():
             print_error("interrupted.")
-        return 130
+        return getattr(stop, "exit_code", 130)
     except RuntimeError as err:  # another rank died or hung: say so in one line; the launcher says which
         if not distributed.lost_contact(err):
             raise
@@ -137,8 +137,8 @@ def launch_torchrun(info: RecipeInfo, args: list[str], options: RunOptions, devi
 
     def forward(signum: int, frame: Any) -> None:
         received.append(signum)
-        if len(received) == 1:
-            proc.send_signal(signum)
+        if len(received) == 1:  # a hang-up asks the workers to checkpoint and stop, as SIGTERM does
+            proc.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
         else:  # the second signal: stop everything now
             started.kill()
 

@@ -14,6 +14,7 @@ Files that are rewritten go through `durable.write_text_durably`, so none is eve
 from __future__ import annotations
 
 import json
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -74,11 +75,54 @@ def plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
+LOCK_NAME = ".lock"
+
+
+def lock_run_dir(run_dir: Path) -> Path:
+    """Claim `run_dir` for this process: `.lock` holds its pid while it writes there. A second process (two
+    `--resume` of one run) is refused with the holder's pid; a lock left by a process that is gone is taken over."""
+    lock = Path(run_dir) / LOCK_NAME
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None and holder != os.getpid() and _alive(holder):
+                raise UserError(f"{run_dir} is in use by process {holder} (another run or --resume of it); "
+                                "wait for it to end or stop it first.") from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone (or it is this one's own)
+            continue
+        except OSError as err:
+            raise UserError(f"Cannot write {lock}: {err.strerror}.") from err
+        with os.fdopen(fd, "w") as file:
+            file.write(f"{os.getpid()}\n")
+        return lock
+    raise UserError(f"{run_dir} is being claimed by another process at this very moment; try again.")
+
+
+def _lock_holder(lock: Path) -> int | None:
+    try:
+        return int(lock.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 class RunFiles:
     """Writes one run directory. `new` makes a fresh one, `reopen` continues one for --resume."""
 
     def __init__(self, run_dir: Path | None, history: list[dict[str, Any]], is_main: bool):
         self.dir = Path(distributed.broadcast(str(run_dir) if is_main else ""))  # the others learn it from rank 0
+        self._lock = lock_run_dir(self.dir) if is_main else None
         self.history = history
         self._is_main = is_main
         self._started = time.perf_counter()
@@ -100,6 +144,7 @@ class RunFiles:
         metrics.jsonl keeps the `metrics_rows` rows logged before that checkpoint (later ones are logged again)."""
         if not is_main:
             return cls(run_dir, [], is_main)
+        lock_run_dir(run_dir)  # before anything is rewritten: a second --resume of this run stops here
         changed = {k: [saved["config"].get(k), v] for k, v in config.items() if saved["config"].get(k) != v}
         saved.setdefault("resumed", []).append({"from": resumed_from, "changed": changed, "meta": meta})
         saved["config"] = config
@@ -162,3 +207,6 @@ class RunFiles:
             self._writer = None
         if self._metrics is not None:
             self._metrics.close()
+        if self._lock is not None:
+            self._lock.unlink(missing_ok=True)
+            self._lock = None

@@ -52,7 +52,7 @@ from typing import Any, TypeVar
 
 from dlnotes import __version__, distributed
 from dlnotes.catalog import RecipeInfo, Target, all_recipes, read_target, recipe_id
-from dlnotes.errors import TrainingDiverged, TrainingInterrupted
+from dlnotes.errors import TrainingDiverged, TrainingInterrupted, UserError
 from dlnotes.interrupts import StopRequests
 from dlnotes.options import RunOptions, current_launch
 from dlnotes.progress import Progress
@@ -133,7 +133,8 @@ class Run:
         return self._state.position
 
     def watch_interrupts(self) -> None:
-        """Ctrl-C from now on sets `stop_requested` (`attach` does this; a loop that checkpoints itself calls it)."""
+        """A stop signal (Ctrl-C, SIGTERM, SIGUSR1) from now on sets `stop_requested` (`attach` does this; a loop
+        that checkpoints itself calls it)."""
         self._stops.watch()
 
     @property
@@ -199,8 +200,14 @@ class Run:
             self._save("best.pt")
 
     def _save(self, name: str = "") -> Path:
-        return self._state.save(self.dir, self._progress.sums, self._progress.counts, len(self.history),
-                                self._files.elapsed(), name)
+        try:
+            return self._state.save(self.dir, self._progress.sums, self._progress.counts, len(self.history),
+                                    self._files.elapsed(), name)
+        except UserError as err:  # the disk is full (or read-only): say which checkpoint still holds the run
+            good = newest_checkpoint(self.dir)
+            self._end_early()
+            raise UserError(f"{err} " + (f"Last good checkpoint: {good} (resume from it once there is room)."
+                                         if good else "No checkpoint was written before it.")) from err
 
     # --- stopping early ----------------------------------------------------------------------------------------
 
@@ -228,8 +235,10 @@ class Run:
     def interrupted(self, checkpoint: Path, step: int | None = None) -> TrainingInterrupted:
         """The error that ends an interrupted run, saying how to resume it."""
         self._end_early()
-        return TrainingInterrupted(f"Interrupted at step {self._state.position.step if step is None else step}; "
+        stop = TrainingInterrupted(f"Interrupted at step {self._state.position.step if step is None else step}; "
                                    f"saved {checkpoint}. Resume with: dlnotes run {self.recipe} --resume {self.dir}")
+        stop.exit_code = self._stops.exit_code  # 130 after Ctrl-C, 143 after SIGTERM, 138 after SIGUSR1
+        return stop
 
     def _end_early(self) -> None:
         self._files.write_curves(self.recipe)
