@@ -75,9 +75,9 @@ class Config:
     batch_size: int = 32  # windows per step
     block_size: int = 64  # context length: what the model may look back at (nanoGPT's CPU setting)
     n_layer: int = 4  # nanoGPT's CPU configuration: 4 layers, 4 heads, 128 wide (0.8M parameters)
-    n_head: int = 4
-    d_model: int = 128
-    dropout: float = 0.0  # the run sees each training character about once or twice: nothing to overfit yet
+    n_head: int = 4  # 4 heads of width 32: each can follow a different pattern (the heat map's columns)
+    d_model: int = 128  # the residual stream's width C
+    dropout: float = 0.0  # 1,500 x 32 x 64 = one pass over the training text: nothing to overfit yet
     lr: float = 2e-3  # peak AdamW rate; small models take a larger rate than nanoGPT's 6e-4 for GPT-2
     warmup_steps: int = 100  # linear warm-up: Adam's early, noisy moment estimates make large steps unsafe
     weight_decay: float = 0.1  # on matrices and embeddings only, not on biases and LayerNorm gains
@@ -336,9 +336,10 @@ def main(cfg: Config) -> dict[str, float]:
               for r in run.history if "lstm_val_loss" in r]
     plot_curves(curves, run.dir / "gpt_vs_lstm.png", title=f"{cfg.dataset}: same steps, same parameter count")
     plot_attention_maps(gpt, val_text, stoi, run.dir / "attention.png")
-    prompt = torch.tensor([[stoi["\n"]]], device=device)
-    sample, _ = generate(gpt.eval(), prompt, 300, 0.8, 10, torch.Generator(device).manual_seed(cfg.seed))
-    print("sample:\n" + "".join(chars[i] for i in sample[0].tolist()).strip())
+    if run.is_main:  # a taste of what it learned: 300 characters after a line break
+        prompt = torch.tensor([[stoi["\n"]]], device=device)
+        sample, _ = generate(gpt.eval(), prompt, 300, 0.8, 10, torch.Generator(device).manual_seed(cfg.seed))
+        print("sample:\n" + "".join(chars[i] for i in sample[0].tolist()).strip())
     return run.finish({"val_loss": gpt_val, "gpt_val_loss": gpt_val, "lstm_val_loss": lstm_val,
                        "lstm_minus_gpt": lstm_val - gpt_val, "gpt_params": float(count(gpt)),
                        "lstm_params": float(count(lstm)), "steps": float(step), "tokens_per_s": run.samples_per_s})
