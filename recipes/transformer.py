@@ -357,7 +357,7 @@ def plot_attention_maps(gpt: GPT, val_text: str, stoi: dict[str, int], path: Pat
         _, maps = gpt.eval()(idx, with_attention=True)  # n_layer x (1, H, T, T)
     panels = [[head.float().cpu().numpy() for head in layer[0]] for layer in maps]
     plot_heatmap_grid(panels, list(text), path, row_name="layer", column_name="head",
-                      title="attention of each head: row = the character looking, column = where it looks")
+                      title=f"{text!r}: row = the character looking, column = where it looks")
 
 
 # --- using the trained model ------------------------------------------------------------------------------

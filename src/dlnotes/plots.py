@@ -143,9 +143,9 @@ def plot_heatmap_grid(panels: list[list[np.ndarray]], tokens: list[str], path: P
             ax.set_xticks(range(len(tokens)), labels, fontsize=4)
             ax.set_yticks(range(len(tokens)), labels, fontsize=4)
             ax.set_title(f"{row_name} {r + 1}, {column_name} {c + 1}", fontsize=7)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=11)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing from")
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 0.97))  # leave the top for the title
         fig.savefig(path, dpi=120)
     plt.close(fig)
