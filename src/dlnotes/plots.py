@@ -121,3 +121,31 @@ def plot_attention(examples: list[tuple[list[str], list[str], np.ndarray]], path
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+@main_rank_only
+def plot_heatmap_grid(panels: list[list[np.ndarray]], tokens: list[str], path: Path, row_name: str = "row",
+                      column_name: str = "column", title: str = "") -> None:
+    """A grid of square (T, T) heat maps over the same T tokens, e.g. attention weights of every layer (grid row)
+    and head (grid column): in each panel, row t shows where token t looks. Characters that no installed font
+    has (Chinese without a CJK font) are drawn as boxes, without a warning per glyph."""
+    import warnings
+
+    plt = pyplot()
+    rows, columns = len(panels), max(len(row) for row in panels)
+    size = 1.0 + 0.09 * len(tokens)
+    fig, axes = plt.subplots(rows, columns, figsize=(size * columns, size * rows), squeeze=False)
+    labels = [repr(t)[1:-1] if t.isspace() else t for t in tokens]
+    for r, row in enumerate(panels):
+        for c, weights in enumerate(row):
+            ax = axes[r, c]
+            ax.imshow(weights, cmap="viridis", vmin=0, vmax=1)
+            ax.set_xticks(range(len(tokens)), labels, fontsize=4)
+            ax.set_yticks(range(len(tokens)), labels, fontsize=4)
+            ax.set_title(f"{row_name} {r + 1}, {column_name} {c + 1}", fontsize=7)
+    fig.suptitle(title, fontsize=11)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from")
+        fig.tight_layout(rect=(0, 0, 1, 0.97))  # leave the top for the title
+        fig.savefig(path, dpi=120)
+    plt.close(fig)
