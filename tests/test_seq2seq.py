@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import signal
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 from dlnotes import catalog
-from dlnotes.checkpoint import save_checkpoint
 from dlnotes.cli import app
 from dlnotes.errors import UserError
 from dlnotes.text import Vocab, corpus_bleu
@@ -253,14 +251,3 @@ def test_wrong_dataset_name_is_one_line_error(out_dir: Path) -> None:
     assert_one_line_error(invoke("run", "seq2seq", "--dataset", "klingon", "--out", out_dir),
                           "Unknown --dataset 'klingon'", "bible, toy")
     assert not list(out_dir.iterdir())
-
-
-@dataclass
-class OtherConfig:
-    epochs: int = 1
-
-
-def test_run_directory_of_another_recipe_is_refused(tmp_path: Path) -> None:
-    save_checkpoint(tmp_path, "fasttext", torch.nn.Linear(2, 2), OtherConfig())
-    assert_one_line_error(invoke("predict", "seq2seq", "--run", tmp_path, "hello"),
-                          "is a run of 'fasttext', not 'seq2seq'")
