@@ -89,8 +89,12 @@ def raw(url: str, body: bytes | None = None, path: str = "/chat/completions", **
         conn.putheader(name, value)
     conn.endheaders(body)
     response = conn.getresponse()
-    reply = json.loads(response.read())
+    text = response.read()
     conn.close()
+    try:
+        reply = json.loads(text)
+    except ValueError:  # not JSON (a plain 500): kept short for the failure message
+        reply = {"not JSON": text[:200]}
     return response.status, reply, response
 
 
