@@ -736,3 +736,24 @@ def test_api_key_from_a_file(tmp_path: Path) -> None:
     (tmp_path / "empty").write_text("\n")
     result = runner.invoke(app, ["serve", "--api-key-file", str(tmp_path / "empty")])
     assert result.exit_code == 2 and "is empty" in result.output
+
+
+# --- under load ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_mixed_clients_under_load_get_a_reply_or_a_503(serve_with, engine) -> None:
+    """200 requests, 20 at a time: streaming, not streaming, and clients that leave (scripts/load_test_serve.py,
+    smaller). Each gets a complete reply or a 503 with Retry-After; no 5xx, no reply lost or cut short."""
+    spec = importlib.util.spec_from_file_location("load_test_serve",
+                                                  Path(__file__).parents[1] / "scripts" / "load_test_serve.py")
+    load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load)
+    with serve_with(Limits(queue=8)) as url:
+        result = load.hammer(url, KEY, engine.name, requests=200, concurrency=20, time_limit=600)
+        client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
+        assert ask(client, engine, max_tokens=3).usage.completion_tokens <= 3  # still serving afterwards
+    outcomes = result["outcomes"]
+    assert outcomes.get("failed", 0) == 0, result["failures"]
+    assert sum(outcomes.values()) == 200 and outcomes["complete"] > 0 and outcomes["abandoned"] > 0
+    wait_until_model_free(engine)
