@@ -8,7 +8,8 @@ temporary folder: nothing is downloaded), and sends a mix of requests from clien
 
     complete   streaming or not: must end with a finish_reason (streams with `data: [DONE]`)
     abandoned  the client leaves: after the first chunk of a stream, or before a reply comes
-    refused    503 or 429 with Retry-After, in OpenAI's error shape: the queue was full (allowed)
+    refused    503 or 429 with Retry-After, in OpenAI's error shape, three times: the queue was full (allowed;
+               like the `openai` client, a refused client waits Retry-After, at most 2 s here, and tries twice more)
 
 Anything else is a failure: a 5xx other than 503, a 4xx, a connection error, a stream cut short, a reply
 without a finish_reason (a "lost" reply). It prints p50/p99 latency of complete replies, the server's peak
@@ -40,8 +41,21 @@ KINDS = ("plain", "stream", "leave-stream", "leave-plain")
 WEIGHTS = (4, 4, 1, 1)  # abandoned clients are one request in five
 
 
-def one_request(url: str, key: str, model: str, kind: str, rng: random.Random, timeout: float) -> tuple[str, float]:
-    """Send one request of this kind; (outcome, seconds). Outcomes: complete, abandoned, refused, or a failure."""
+def one_request(url: str, key: str, model: str, kind: str, rng: random.Random, timeout: float,
+                retries: int = 2) -> tuple[str, float]:
+    """Send one request of this kind; (outcome, seconds from the first try). Outcomes: complete, abandoned,
+    refused (after `retries` more tries, each after Retry-After), or a failure."""
+    start = time.perf_counter()
+    for _ in range(retries + 1):
+        outcome, wait = _attempt(url, key, model, kind, rng, timeout)
+        if outcome != "refused":
+            break
+        time.sleep(min(wait, 2.0))
+    return outcome, time.perf_counter() - start
+
+
+def _attempt(url: str, key: str, model: str, kind: str, rng: random.Random, timeout: float) -> tuple[str, float]:
+    """One try: (outcome, the Retry-After seconds when refused)."""
     where = urlsplit(url)
     if where.hostname not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit(f"refusing to load-test {where.hostname}: loopback only")
@@ -49,28 +63,29 @@ def one_request(url: str, key: str, model: str, kind: str, rng: random.Random, t
                        "max_tokens": rng.randint(1, 64), "temperature": rng.choice([0, 0.7, 1.0]),
                        "stream": kind in ("stream", "leave-stream")}).encode()
     conn = http.client.HTTPConnection(where.hostname, where.port, timeout=timeout)
-    start = time.perf_counter()
     try:
         conn.request("POST", where.path + "/chat/completions", body=body,
                      headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
         if kind == "leave-plain":
             time.sleep(rng.uniform(0, 0.05))  # gone before (or while) the reply is made
-            return "abandoned", time.perf_counter() - start
+            return "abandoned", 0
         response = conn.getresponse()
         if response.status in (429, 503):
             reply = json.loads(response.read())
             shaped = set(reply.get("error", {})) == {"message", "type", "param", "code"}
-            ok = shaped and (response.getheader("Retry-After") or "").isdigit()
-            return ("refused" if ok else f"refused badly {reply}"), time.perf_counter() - start
+            retry_after = response.getheader("Retry-After") or ""
+            if shaped and retry_after.isdigit():
+                return "refused", int(retry_after)
+            return f"refused badly: {reply}, Retry-After {retry_after!r}", 0
         if response.status != 200:
-            return f"status {response.status}: {response.read()[:200]!r}", time.perf_counter() - start
+            return f"status {response.status}: {response.read()[:200]!r}", 0
         if kind == "leave-stream":
             response.readline()  # the first event
-            return "abandoned", time.perf_counter() - start
+            return "abandoned", 0
         if kind == "plain":
             reply = json.loads(response.read())
             finished = reply["choices"][0]["finish_reason"] in ("stop", "length")
-            return ("complete" if finished else "lost: no finish_reason"), time.perf_counter() - start
+            return ("complete" if finished else "lost: no finish_reason"), 0
         finish, done = None, False
         for line in response:
             if line.startswith(b"data: [DONE]"):
@@ -79,13 +94,12 @@ def one_request(url: str, key: str, model: str, kind: str, rng: random.Random, t
             if line.startswith(b"data: "):
                 event = json.loads(line[6:])
                 if "error" in event:
-                    return f"error event: {event['error']['message']}", time.perf_counter() - start
+                    return f"error event: {event['error']['message']}", 0
                 for choice in event["choices"]:
                     finish = choice["finish_reason"] or finish
-        ok = done and finish in ("stop", "length")
-        return ("complete" if ok else "lost: stream cut short"), time.perf_counter() - start
+        return ("complete" if done and finish in ("stop", "length") else "lost: stream cut short"), 0
     except (OSError, http.client.HTTPException, ValueError, KeyError) as err:
-        return f"lost: {type(err).__name__}: {err}", time.perf_counter() - start
+        return f"lost: {type(err).__name__}: {err}", 0
     finally:
         conn.close()
 

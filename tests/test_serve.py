@@ -620,6 +620,24 @@ def test_full_queue_is_503_with_retry_after(serve_with, engine, gate: dict) -> N
     assert [r.usage.completion_tokens for r in replies] == [3, 3]  # the admitted ones are served
 
 
+def test_waiting_requests_are_served_in_order_of_arrival(client: openai.OpenAI, engine, gate: dict,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    budgets = []
+    prefill = engine.decoder.prefill
+    monkeypatch.setattr(engine.decoder, "prefill",
+                        lambda ids, max_len: budgets.append(max_len - len(ids)) or prefill(ids, max_len))
+    threads = []
+    for n, max_tokens in enumerate([3, 4, 5, 6, 7]):  # one holds the model, then four arrive one by one
+        threads.append(threading.Thread(target=ask, args=(client, engine), kwargs={"max_tokens": max_tokens},
+                                        daemon=True))
+        threads[-1].start()
+        wait_for(lambda n=n: len(gate["waiting"]) == n if n else gate["steps"], f"request {n} to arrive")
+    gate["open"].set()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert budgets == [3, 4, 5, 6, 7]
+
+
 def test_deadline_while_waiting_is_503(serve_with, engine, gate: dict) -> None:
     with serve_with(Limits(timeout=0.5)) as url:
         client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=120)

@@ -23,6 +23,7 @@ import math
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -48,7 +49,9 @@ class Engine:
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
         self.name = loaded.name
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # held by the request generating
+        self.line: deque[threading.Event] = deque()  # requests waiting for the model, first come first served
+        self.line_lock = threading.Lock()
         self.device = next(loaded.model.parameters()).device
         config_eos = getattr(loaded.model.generation_config, "eos_token_id", None)
         eos = [loaded.tokenizer.eos_token_id, *(config_eos if isinstance(config_eos, list) else [config_eos])]
@@ -89,15 +92,29 @@ class Engine:
         return ids, budget
 
     def wait_turn(self, cancel: threading.Event, deadline: float = math.inf) -> bool:
-        """Wait for the model: True once this caller holds it (release with `self.lock.release()`), False if
-        `cancel` was set meanwhile; a 503 when the deadline passes first."""
-        while not self.lock.acquire(timeout=0.05):  # wakes at once when the lock is released; 50 ms for cancel
-            if cancel.is_set():
-                return False
-            if time.monotonic() >= deadline:
-                raise APIError(503, "The server is busy: the request waited for the model until its deadline.",
-                               code="server_busy", kind="server_error")
-        if cancel.is_set():  # left while waiting, and the lock came free in the same instant
+        """Wait for the model, in order of arrival: True once this caller holds it (release with
+        `self.lock.release()`), False if `cancel` was set meanwhile; a 503 when the deadline passes first."""
+        me = threading.Event()  # set when this caller is first in line
+        with self.line_lock:
+            self.line.append(me)
+            if self.line[0] is me:
+                me.set()
+        try:
+            # first wait to be first in line, then for the model; 50 ms to notice cancel and the deadline
+            for wait in (lambda: me.wait(0.05), lambda: self.lock.acquire(timeout=0.05)):
+                while not wait():
+                    if cancel.is_set():
+                        return False
+                    if time.monotonic() >= deadline:
+                        raise APIError(503, "The server is busy: the request waited for the model until its "
+                                       "deadline.", code="server_busy", kind="server_error")
+        finally:
+            with self.line_lock:  # out of the line, holding the model or not; the next one moves up
+                first = self.line[0] is me
+                self.line.remove(me)
+                if first and self.line:
+                    self.line[0].set()
+        if cancel.is_set():  # left while waiting, and the model came free in the same instant
             self.lock.release()
             return False
         return True
