@@ -249,7 +249,8 @@ class Turn:
         self.cancel = threading.Event()  # set when the client leaves: the thread stops at the next token
         self.queue: asyncio.Queue = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
-        self.engine, self.args, self.done = engine, (req, ids, budget, self.cancel, deadline), done
+        self.engine, self.deadline, self.done = engine, deadline, done
+        self.args = (req, ids, budget, self.cancel, deadline)
         threading.Thread(target=self._work, name="dlnotes-turn", daemon=True).start()
 
     async def get(self) -> Any:
@@ -268,7 +269,7 @@ class Turn:
     def _work(self) -> None:
         engine, started = self.engine, None
         try:
-            if engine.wait_turn(self.cancel, self.args[-1]):
+            if engine.wait_turn(self.cancel, self.deadline):
                 started = time.monotonic()
                 try:
                     self._put(True)  # holding the model: the reply can start

@@ -4,7 +4,7 @@ The loop is written out (no `model.generate`): prefill the prompt once, then one
 reusing the KV cache (`decoders`), sampling with temperature and top-p, decoding text incrementally so
 multi-byte characters are never cut, and holding back text that might be the start of a stop string
 (`sampling`). Requests take turns: one model, one KV cache at a time; a second request waits for the first
-instead of mixing its tokens into it.
+instead of mixing its tokens into it, and waiting requests are served in order of arrival.
 
     engine = Engine(load(...))
     ids, budget = engine.check_budget(req, max_tokens)  # the prompt's ids; a 400 when it cannot fit the context
