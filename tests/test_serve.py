@@ -641,12 +641,13 @@ def test_waiting_requests_are_served_in_order_of_arrival(client: openai.OpenAI, 
     assert budgets == [3, 4, 5, 6, 7]
 
 
-def test_deadline_while_waiting_is_503(serve_with, engine, gate: dict) -> None:
+def test_deadline_while_waiting_is_503(client: openai.OpenAI, serve_with, engine, gate: dict) -> None:
+    # the first request comes through the usual server (600 s deadline), so that its own deadline cannot pass
+    # before it holds the model, however slow this machine; the engine and its lock are the same
+    first = threading.Thread(target=ask, args=(client, engine), kwargs={"max_tokens": 3}, daemon=True)
+    first.start()
+    wait_for(lambda: gate["steps"], "the first request to hold the model")
     with serve_with(Limits(timeout=0.5)) as url:
-        client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=120)
-        first = threading.Thread(target=ask, args=(client, engine), kwargs={"max_tokens": 3}, daemon=True)
-        first.start()
-        wait_for(lambda: gate["steps"], "the first request to hold the model")
         code, reply, _ = raw(url, request_body(max_tokens=3))  # waits behind the gated one past its deadline
         gate["open"].set()
         first.join(timeout=60)
