@@ -742,6 +742,26 @@ def test_loopback_names_and_allowed_hosts_and_origins(url: str, serve_with) -> N
         assert raw(other, request_body(max_tokens=2), Origin="https://app.example.evil")[0] == 403
 
 
+def test_an_allowed_page_gets_cors_headers_and_its_preflight(url: str, serve_with) -> None:
+    with serve_with(Limits(allow_origins=("https://app.example",))) as other:
+        for where in (url, other):
+            origin = "http://localhost:3000" if where == url else "https://app.example"
+            code, _, response = raw(where, request_body(max_tokens=2), Origin=origin)
+            assert code == 200 and response.getheader("Access-Control-Allow-Origin") in ("*", origin)
+        where = urllib.parse.urlsplit(other)
+        for origin, status in (("https://app.example", 200), ("https://evil.example", 403)):
+            conn = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+            conn.request("OPTIONS", where.path + "/chat/completions", headers={
+                "Origin": origin, "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type"})
+            response = conn.getresponse()
+            response.read()
+            conn.close()
+            assert response.status == status
+            if status == 200:
+                assert "POST" in response.getheader("Access-Control-Allow-Methods")
+
+
 def test_api_key_from_a_file(tmp_path: Path) -> None:
     keyfile = tmp_path / "key"
     keyfile.write_text("s3cret\n")

@@ -36,6 +36,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from dlnotes.llm.schema import APIError, ChatRequest, Limits, parse_json, parse_request, usage
 
@@ -48,6 +49,9 @@ END = object()  # a turn's last item: its thread is done and the model is free
 
 def create_app(engine: Engine, api_key: str = "", limits: Limits = Limits(), bind_host: str = "127.0.0.1") -> FastAPI:
     app = FastAPI(title="dlnotes serve", docs_url=None, redoc_url=None, openapi_url=None)
+    # CORS headers let an allowed page (a loopback one, or --allow-origin) read replies and send its JSON
+    # preflight; Guard, added last and so run first, has already refused every other origin.
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST"], allow_headers=["*"])
     app.add_middleware(Guard, api_key=api_key, bind_host=bind_host, limits=limits)
     created = int(time.time())
     admission = Admission(limits.queue)
@@ -158,7 +162,7 @@ class Guard:
         if origin is not None and not self.origin_allowed(origin):
             return APIError(403, f"Origin {origin[:80]!r} is not allowed; start the server with --allow-origin "
                             "ORIGIN to accept requests from that web page.", code="origin_not_allowed")
-        if self.api_key and scope["path"].startswith("/v1/"):
+        if self.api_key and scope["path"].startswith("/v1/") and scope["method"] != "OPTIONS":  # a preflight has no key
             given = headers.get("authorization", "").removeprefix("Bearer ").strip()
             if not hmac.compare_digest(given.encode(), self.api_key.encode()):  # constant time: no timing hints
                 return APIError(401, "Incorrect API key provided.", code="invalid_api_key")
