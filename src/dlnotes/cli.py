@@ -285,12 +285,24 @@ def serve(
     port: int = typer.Option(8000, "--port", help="TCP port."),
     api_key: str = typer.Option("", "--api-key", envvar="DLNOTES_API_KEY",
                                 help="Require this bearer token (default: no key)."),
+    api_key_file: str = typer.Option("", "--api-key-file", help="Read the bearer token from this file's first line."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | mps"),
+    max_tokens: int = typer.Option(2048, "--max-tokens", help="Largest max_tokens a request may ask for."),
+    timeout: float = typer.Option(600, "--timeout", help="Seconds per request, waiting included; then it ends."),
+    queue: int = typer.Option(16, "--queue", help="Requests that may wait for the model; more get 503."),
+    max_body: int = typer.Option(1 << 20, "--max-body", help="Largest request body in bytes (413 beyond)."),
+    allow_host: list[str] = typer.Option([], "--allow-host", help="Also accept this Host name (repeat; * = any)."),
+    allow_origin: list[str] = typer.Option([], "--allow-origin",
+                                           help="Also accept browser requests from this origin (repeat; * = any)."),
 ) -> None:
     """An OpenAI-compatible chat server (`/v1/models`, `/v1/chat/completions`) for a local model."""
+    from dlnotes.llm.schema import Limits
     from dlnotes.llm.server import serve as run_server
 
-    run_server(model=model, host=host, port=port, api_key=api_key, device=device)
+    limits = Limits(max_body=max_body, max_tokens=max_tokens, queue=queue, timeout=timeout,
+                    allow_hosts=tuple(allow_host), allow_origins=tuple(allow_origin))
+    run_server(model=model, host=host, port=port, api_key=api_key, device=device, api_key_file=api_key_file,
+               limits=limits)
 
 
 def main() -> None:

@@ -4,9 +4,9 @@
     tiny       a tiny random llama with its own tokenizer, for tests and smoke runs
     decoders   the forward passes: the prompt once, then one token per step (the hand-written llama step)
     sampling   logits -> a token, tokens -> text as they come, stop strings
-    engine     the decoding loop behind a lock: a request -> pieces of text
-    schema     the HTTP request, OpenAI's error shape, usage
-    app        the FastAPI routes, streaming as server-sent events
+    engine     the decoding loop behind a lock, requests waiting in line: a request -> pieces of text
+    schema     the HTTP request checked field by field, OpenAI's error shape, usage, the server's Limits
+    app        the FastAPI routes, streaming as server-sent events; Host/Origin/key checks, a bounded queue
     server     `dlnotes serve` and BackgroundServer: bind, load, run, stop
 
 The same llama decoding step, written for reading rather than speed, is the recipe `llama-decode`.
