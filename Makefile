@@ -42,8 +42,8 @@ $(STAMP): pyproject.toml $(LOCK) $(MODELS_LOCK) Makefile
 	touch $(STAMP)
 
 # Refresh the locks after editing pyproject.toml, MODEL_PACKAGES or DATA_PACKAGES. Versions already locked stay
-# unless asked: `make lock UPGRADE=--upgrade` moves everything to the newest releases the ranges allow. One universal lock
-# (environment markers pick the wheels per OS) for the Python versions pyproject.toml's requires-python allows.
+# unless asked: `make lock UPGRADE=--upgrade` moves everything to the newest releases the ranges allow. One
+# universal lock (environment markers pick the wheels per OS) for the Python versions requires-python allows.
 # uv runs from a throwaway venv. Locked too: pip (the installer) and editables (hatchling's editable install).
 UV_VERSION := 0.13.9
 UPGRADE ?=
