@@ -4,7 +4,7 @@ A user u and a film i each get a learned vector; a rating is predicted from the 
 regression: `mse_loss` between predicted and given stars, plus an L2 penalty on the rows a batch touches.
 
     global mean      r̂ = μ                                          the floor any model must beat
-    biases           r̂ = μ + b_u + b_i                              generous users, well-liked films (fit in closed form)
+    biases           r̂ = μ + b_u + b_i                              generous users, liked films (fit in closed form)
     biased MF        r̂ = μ + b_u + b_i + p_u · q_i                  p_u, q_i: (B, F) rows of two embedding tables
     NCF-style MLP    r̂ = μ + b_u + b_i + MLP([p_u, q_i])            (B, 2F) -> (B, hidden) -> (B, 1): any interaction
 
@@ -106,7 +106,8 @@ def leave_last_out(data: Ratings) -> np.ndarray:
     return order[last]
 
 
-def bias_baseline(users, items, stars, n_users: int, n_items: int, reg_u: float = 15, reg_i: float = 10):
+def bias_baseline(users: np.ndarray, items: np.ndarray, stars: np.ndarray, n_users: int, n_items: int,
+                  reg_u: float = 15, reg_i: float = 10) -> tuple[float, np.ndarray, np.ndarray]:
     """μ, b_u, b_i by alternating least squares with shrinkage (Surprise's BaselineOnly): few ratings, small bias."""
     mu, b_u, b_i = float(stars.mean()), np.zeros(n_users), np.zeros(n_items)
     for _ in range(10):

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_one_line_error
+
 from dlnotes import catalog
 from dlnotes.tracking import latest_run
 
