@@ -61,12 +61,12 @@ class Config:
     dataset: str = "co2"  # co2 | sunspots
     window: int = 48  # months the LSTM reads: four seasons show both the trend and the yearly swing
     horizon: int = 12  # steps forecast at once: a year ahead
-    holdout: int = 36  # the last 36 steps (three years) are never trained on
-    hidden: int = 64  # LSTM units: the series is one number a step, more only overfits
+    holdout: int = 36  # the last 36 steps (three years of co2) are never trained on
+    hidden: int = 64  # LSTM units: plenty for a series of one number a step
     epochs: int = 60  # training windows are few (~430): epochs are cheap
     batch_size: int = 32
     lr: float = 3e-3  # Adam, cosine-decayed to zero
-    sarima: bool = True  # fit the SARIMA baseline (a few seconds for co2)
+    sarima: bool = True  # fit the SARIMA baseline (seconds on monthly data; smoke runs skip it)
     device: str = "auto"  # auto | cpu | cuda | mps
     seed: int = 0
     out: str = "runs"  # run directories go under OUT/lstm-forecast/
@@ -220,6 +220,9 @@ def predict(run_dir: str | Path, inputs: tuple[str, ...] = (), steps: int = 12) 
     """Forecast the next STEPS points after the end of the series (beyond the horizon, forecasts are fed back)."""
     state = load_checkpoint(run_dir, recipe_id(__file__))
     cfg = restore_config(Config, state)
+    if inputs:
+        raise UserError(f"lstm-forecast forecasts from the end of its own series and takes no inputs (got "
+                        f"{inputs[0]!r}); ask for the number of steps with --steps N.")
     if steps <= 0 or steps > len(state["history"]) * 10:
         raise UserError(f"--steps must be between 1 and {len(state['history']) * 10}, got {steps}.")
     model = Forecaster(cfg.hidden, cfg.horizon)

@@ -56,6 +56,8 @@ def test_checkpoint_predict_round_trip(smoke_run, invoke) -> None:
     assert all(355 < v < 390 for v in values), values  # ppm near the end of 2001 (about 370)
     result = invoke("predict", RECIPE, "--run", run_dir, "--steps", "3")
     assert result.exit_code == 0 and "2002-03:" in result.output, result.output
+    assert_one_line_error(invoke("predict", RECIPE, "--run", run_dir, "2003"), "--steps N")
+    assert_one_line_error(invoke("predict", RECIPE, "--run", run_dir, "--steps", "0"), "--steps must be")
 
 
 def test_an_interrupted_run_resumes_exactly(invoke, out_dir: Path, tmp_path: Path) -> None:
