@@ -148,7 +148,7 @@ def test_empty_text_is_one_line_error(english_run) -> None:
 
 
 def test_no_texts_is_one_line_error(english_run) -> None:
-    assert_one_line_error(invoke("predict", "fasttext", "--run", english_run[1]), "at least one text")
+    assert_one_line_error(invoke("predict", "fasttext", "--run", english_run[1]), "at least one input")
 
 
 def test_text_of_unknown_tokens_names_the_language(english_run, chinese_run) -> None:

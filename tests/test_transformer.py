@@ -169,7 +169,7 @@ def test_an_interrupted_run_resumes_exactly(out_dir: Path, tmp_path: Path) -> No
 
 @pytest.mark.parametrize("args, fragment", [
     ([""], "non-empty prompt"),
-    ([], "non-empty prompt"),
+    ([], "at least one input"),
     (["In the 日本"], "outside the model's vocabulary: '日本'"),
     (["x" * 40], "more than the block size 32"),
     (["In the", "--block-size", 64], "beyond the trained block size 32"),

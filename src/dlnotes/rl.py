@@ -26,8 +26,8 @@ def make_env(env_id: str, render: bool = False) -> Any:
     if ":" in env_id or env_id not in gym.registry:
         # "module:Env-v0" makes gymnasium import `module` first: an id read from a checkpoint or typed by a user
         # must not run code, so only environments already registered are made.
-        raise UserError(f"Unknown environment '{env_id}': use a registered gymnasium id such as CartPole-v1 "
-                        "or Acrobot-v1 (ids of the form module:Name are refused: they import code).")
+        raise UserError(f"Cannot make environment '{env_id}': not a registered gymnasium id (such as CartPole-v1 "
+                        "or Acrobot-v1); ids of the form module:Name are refused: they import code.")
     try:
         env = gym.make(env_id, **({"render_mode": "rgb_array"} if render else {}))
     except gym.error.Error as err:  # unknown id or version, missing namespace, missing dependency
