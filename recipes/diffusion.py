@@ -52,10 +52,10 @@ SMOKE = {"epochs": 1, "limit_batches": 3, "sample_steps": 4, "judge_samples": 0}
 
 @dataclass
 class Config:
-    epochs: int = 10  # the judged accuracy levels off after about this many passes over 8,500 digits
+    epochs: int = 15  # passes over 8,500 digits; fewer leave blobs that the judge rightly rejects
     batch_size: int = 64  # more, smaller steps: what a small dataset and a short run need
     lr: float = 2e-3  # one-cycle peak for AdamW; the decay to ~0 at the end steadies the samples
-    channels: int = 48  # U-Net width C at 14x14 (2C at 7x7): small enough to train on a few CPU cores
+    channels: int = 32  # U-Net width C at 14x14 (C/2 at 28x28, 2C at 7x7): small enough for a few CPU cores
     timesteps: int = 1000  # T, the noise levels of the forward process
     p_uncond: float = 0.1  # share of training digits whose class is dropped: the unconditional half of guidance
     guidance: float = 2.0  # w in eps = (1 + w) eps_cond - w eps_uncond; 0 = plain conditional sampling
@@ -77,8 +77,10 @@ class Config:
 
 
 def alpha_bars(timesteps: int) -> torch.Tensor:
-    """a_t = prod_{s<=t} (1 - beta_s) for the linear beta schedule 1e-4 .. 0.02 of the DDPM paper. (T,)"""
-    betas = torch.linspace(1e-4, 0.02, timesteps, dtype=torch.float64)
+    """a_t for t = 1..T on the cosine schedule (Nichol & Dhariwal): a_t falls like cos^2 from 1 to 0, so fewer
+    of the T levels are near-pure noise than with DDPM's linear betas, which matters for 28x28 images. (T,)"""
+    f = torch.cos((torch.arange(timesteps + 1, dtype=torch.float64) / timesteps + 0.008) / 1.008 * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)  # beta_t = 1 - a_t / a_{t-1}, capped so the last step is finite
     return torch.cumprod(1 - betas, dim=0).float()
 
 
@@ -120,21 +122,24 @@ class UNet(nn.Module):
         self.c, self.null_class = c, classes  # class index `classes` means "no class" (guidance)
         self.time_mlp = nn.Sequential(nn.Linear(c, 4 * c), nn.SiLU(), nn.Linear(4 * c, 4 * c))
         self.class_emb = nn.Embedding(classes + 1, 4 * c)
-        # Straight to 14x14: full-resolution blocks would cost 4 times the compute for strokes 2-3 pixels wide.
-        self.inp = nn.Conv2d(1, c, 4, stride=2, padding=1)  # (B, C, 14, 14)
-        self.down = ResBlock(c, c, 4 * c)
+        # Only one conv at 28x28 on each side: residual blocks there would cost 4 times those at 14x14.
+        self.inp = nn.Conv2d(1, c // 2, 3, padding=1)  # (B, C/2, 28, 28)
+        self.down = ResBlock(c // 2, c, 4 * c)  # after a stride-2 conv: (B, C, 14, 14)
+        self.shrink = nn.Conv2d(c // 2, c // 2, 4, stride=2, padding=1)  # (B, C/2, 14, 14)
         self.pool = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1)  # (B, 2C, 7, 7)
         self.mid1 = ResBlock(2 * c, 2 * c, 4 * c)
         self.mid2 = ResBlock(2 * c, 2 * c, 4 * c)
         self.up = ResBlock(3 * c, c, 4 * c)  # upsampled (2C) + skip (C) at 14x14
-        self.out = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.ConvTranspose2d(c, 1, 4, stride=2, padding=1))
+        self.head = nn.Sequential(nn.GroupNorm(8, c + c // 2), nn.SiLU(), nn.Conv2d(c + c // 2, c // 2, 3, padding=1),
+                                  nn.SiLU(), nn.Conv2d(c // 2, 1, 3, padding=1))  # upsampled (C) + skip (C/2) at 28
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cond = self.time_mlp(time_embedding(t, self.c)) + self.class_emb(labels)  # (B, 4C)
-        skip = self.down(self.inp(x), cond)  # (B, C, 14, 14)
+        full = self.inp(x)  # (B, C/2, 28, 28)
+        skip = self.down(self.shrink(full), cond)  # (B, C, 14, 14)
         h = self.mid2(self.mid1(self.pool(skip), cond), cond)  # (B, 2C, 7, 7)
         h = self.up(torch.cat([F.interpolate(h, size=14), skip], dim=1), cond)  # (B, C, 14, 14)
-        return self.out(h)  # (B, 1, 28, 28): the predicted noise
+        return self.head(torch.cat([F.interpolate(h, size=28), full], dim=1))  # (B, 1, 28, 28): predicted noise
 
 
 # --- sampling: DDIM with classifier-free guidance -----------------------------------------------------------
