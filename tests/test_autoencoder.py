@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_one_line_error
 from PIL import Image
 
 from dlnotes import catalog
 from dlnotes.checkpoint import load_state_file
 from dlnotes.datasets import load_image_dataset
-from conftest import assert_one_line_error
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
