@@ -7,7 +7,8 @@ The network learns the reverse: given x_t, t and the digit class, predict the no
     x_t, pixels in [-1, 1]  (B, 1, 28, 28)
     t -> sinusoidal features (B, C) -> MLP (B, 4C); class -> embedding (B, 4C); added together = the
     conditioning vector each residual block adds to its channels
-    U-Net: 28x28 (C) -> 14x14 (2C) -> 7x7 (2C) -> back up, concatenating the skips -> eps (B, 1, 28, 28)
+    U-Net: 28x28 (C/2) -> 14x14 (C) -> 7x7 (2C, two blocks) -> 14x14 (C) -> 28x28, each level up
+    concatenating the features of the same size from the way down (the skips) -> eps (B, 1, 28, 28)
 
 Classifier-free guidance: 10 % of training digits get the class "none" (index 10), so one network is both
 conditional and unconditional; sampling mixes them, eps = (1 + w) eps(x, t, class) - w eps(x, t, none),
