@@ -48,7 +48,7 @@ from dlnotes.tracking import Run
 
 TAGS = ("vision", "generative", "autoencoder", "lightning")
 DATASET = "MNIST-10k (offline)"
-TARGET = ("test_psnr", 17.0)  # reconstruction PSNR in dB on held-out digits; knn_acc on the codes is reported too
+TARGET = ("test_psnr", 14.0)  # held-out reconstruction PSNR in dB from 3 numbers; knn_acc should reach 0.70 too
 SMOKE = {"epochs": 1, "limit_batches": 5}
 TRAINERS = ("lightning", "plain")
 
