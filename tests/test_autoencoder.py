@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,28 @@ def test_resume_with_fewer_epochs_than_trained_is_one_line(smoke_run, invoke) ->
     result = invoke("run", "autoencoder", "--resume", run_dir, "--epochs", "1")
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert "--epochs 1 is fewer than the 2 epochs" in result.output
+
+
+def test_ctrl_c_mid_epoch_saves_and_the_resumed_lightning_run_ends_as_an_uninterrupted_one(smoke_run,
+                                                                                            out_dir: Path) -> None:
+    settings = {"epochs": 3, "batch_size": 16, "limit_batches": 0}  # long epochs: the signal lands mid-epoch
+    whole, whole_dir = smoke_run("autoencoder", **settings)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "dlnotes", "run", "autoencoder", "--epochs", "3", "--batch-size", "16",
+               "--device", "cpu", "--out", str(out_dir / "interrupted")]
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in child.stdout:  # the first progress line (the end of epoch 1 in a log): training has started
+        if line.startswith("epoch 1/3"):
+            break
+    time.sleep(1.0)  # into epoch 2, most likely mid-epoch (either way the resumed run must end the same)
+    child.send_signal(signal.SIGINT)
+    output = line + child.stdout.read()
+    assert child.wait(timeout=300) == 130, output
+    assert "Interrupted at step" in output and "Resume with" in output
+    run_dir = next((out_dir / "interrupted" / "autoencoder").iterdir())
+    done = subprocess.run([*command[:5], "--resume", str(run_dir)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    resumed = json.loads((run_dir / "summary.json").read_text())["metrics"]
+    assert resumed["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-6)
+    torch.testing.assert_close(_weights(run_dir), _weights(whole_dir))
