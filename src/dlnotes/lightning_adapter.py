@@ -41,8 +41,9 @@ from dlnotes import __version__
 from dlnotes.checkpoint import FORMAT, atomic_save, capture_rng, load_state_file, restore_rng
 from dlnotes.datasets import batch_indices, epoch_generator
 from dlnotes.errors import TrainingDiverged, TrainingInterrupted, UserError
-from dlnotes.tracking import PLAIN_PROGRESS_EVERY_S, Run
+from dlnotes.tracking import Run
 
+PLAIN_PROGRESS_EVERY_S = 10.0  # without a terminal, one progress line this often, as in every recipe
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no "GPU available: False" banner
 # Lightning's own use of a torch API that newer torch deprecates: nothing a user of the recipe can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
