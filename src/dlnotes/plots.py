@@ -170,3 +170,41 @@ def plot_forecasts(times: np.ndarray, series: np.ndarray, forecasts: dict[str, t
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+@main_rank_only
+def plot_digit_rows(images: np.ndarray, row_labels: list[str], path: Path, title: str = "") -> None:
+    """A grid of small grey images (R, C, H, W), one labelled row each: samples per class, originals above
+    reconstructions, a walk from one image to another."""
+    plt = pyplot()
+    rows, columns = images.shape[:2]
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 0.8 + 0.6, rows * 0.8 + 0.5), squeeze=False)
+    for r in range(rows):
+        for c in range(columns):
+            axes[r, c].imshow(images[r, c], cmap="gray")
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+        axes[r, 0].set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@main_rank_only
+def plot_codes_3d(codes: np.ndarray, labels: np.ndarray, classes: tuple[str, ...], path: Path, title: str = "") -> None:
+    """3-D codes (N, 3) as points coloured by class, seen from two angles: where the encoder puts each digit."""
+    plt = pyplot()
+    fig = plt.figure(figsize=(11, 5))
+    for i, (elevation, azimuth) in enumerate([(25, 45), (25, 135)]):
+        ax = fig.add_subplot(1, 2, i + 1, projection="3d")
+        for c, name in enumerate(classes):
+            points = codes[labels == c]
+            ax.scatter(points[:, 0], points[:, 1], points[:, 2], s=4, color=plt.cm.tab10(c), label=name)
+        ax.view_init(elevation, azimuth)
+        ax.set(xlabel="z1", ylabel="z2", zlabel="z3")
+    fig.axes[0].legend(markerscale=3, fontsize=8, loc="upper left")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
