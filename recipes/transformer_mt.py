@@ -87,8 +87,8 @@ from dlnotes.translation import (
 TAGS = ("text", "translation", "transformer", "attention")
 DATASET = "English-Spanish Bible verses (offline) | toy"
 TARGET = ("test_bleu", 15.0)  # the seq2seq recipe's target, on the same held-out verses of <= 20 English words
-SMOKE = {"dataset": "toy", "epochs": 40, "batch_size": 2, "lr": 3e-3, "d_model": 32, "ff": 64, "layers": 1, "warmup": 10,
-         "dropout": 0.0}
+SMOKE = {"dataset": "toy", "epochs": 40, "batch_size": 2, "lr": 3e-3, "d_model": 32, "ff": 64, "layers": 1,
+         "warmup": 10, "dropout": 0.0}
 DISTRIBUTED = True  # dlnotes run transformer-mt --nproc N
 DATASETS = ("bible", "toy")
 
