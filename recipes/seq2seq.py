@@ -22,7 +22,10 @@ learning rate decays linearly to 0 over the planned steps, so the run ends on a 
 
 At test time there is no reference: greedy decoding feeds back its own best word until `<eos>`; beam
 search (`dlnotes.beam`) keeps the `beam` best partial translations and picks the best by log-probability
-per word (a plain sum favours short outputs). A word outside the vocabulary comes out as `<unk>`: if the
+/ length ** `--length-penalty` (1: per word; a plain sum favours short outputs). Both stop each sentence at
+`--max-len-a` x its source length + `--max-len-b` tokens and never write the same `--no-repeat-ngram`
+words twice: without these an undertrained model writes "como tu prójimo como ti tu prójimo como ti ..."
+until the length limit. A word outside the vocabulary comes out as `<unk>`: if the
 source word the decoder attended to most is capitalised mid-sentence (a name: "Zecher"), it is copied,
 else dropped.
 BLEU is sacreBLEU on detokenized output against the untouched references, on held-out pairs of at most
