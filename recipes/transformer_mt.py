@@ -172,13 +172,15 @@ class TransformerMT(nn.Module):
         padding = source == PAD_ID  # (B, S)
         return self.encoder(self.embed(self.src_embed, source), src_key_padding_mask=padding), padding
 
-    def decode(self, decoder_in: torch.Tensor, memory: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
-        """Next-word logits (B, T, V) at every target position; position t sees decoder_in[:, :t+1] only."""
+    def decode(self, decoder_in: torch.Tensor, memory: torch.Tensor, padding: torch.Tensor,
+               last_only: bool = False) -> torch.Tensor:
+        """Next-word logits (B, T, V) at every target position; position t sees decoder_in[:, :t+1] only. When
+        generating, only the last position's (B, 1, V) are needed: the V-wide output layer is the costly one."""
         T = decoder_in.size(1)
         causal = torch.ones(T, T, dtype=torch.bool, device=decoder_in.device).triu(1)  # (T, T): True = hidden
         hidden = self.decoder(self.embed(self.tgt_embed, decoder_in), memory, tgt_mask=causal,
                               memory_key_padding_mask=padding)  # (B, T, d); cross-attention scores (B, h, T, S)
-        return self.out(hidden)  # (B, T, V)
+        return self.out(hidden[:, -1:] if last_only else hidden)  # (B, T, V), or (B, 1, V)
 
     def forward(self, source: torch.Tensor, decoder_in: torch.Tensor) -> torch.Tensor:
         memory, padding = self.encode(source)
@@ -193,7 +195,7 @@ def decode_step(model: TransformerMT, words: torch.Tensor, state):
     (N, S)); all three follow their beams. Returns the next-word logits (N, V)."""
     prefix, memory, padding = state
     prefix = torch.cat([prefix, words], dim=1)  # (N, t+1)
-    logits = model.decode(prefix, memory, padding)[:, -1]  # (N, V): the last position's next word
+    logits = model.decode(prefix, memory, padding, last_only=True)[:, -1]  # (N, V): the last position's next word
     return logits, (prefix, memory, padding), None
 
 
