@@ -288,6 +288,10 @@ def main(cfg: Config) -> dict[str, float]:
                                                  device)
         run.end_epoch(epoch, train_loss=run.epoch_mean("loss"), val_loss=val_loss, val_bleu=val_bleu)
 
+    if start.epoch > cfg.epochs:  # resumed after the last epoch (stopped during the test): evaluation is left
+        val_loss = distributed.on_main(validation_loss, model, encode_pairs(short["validation"], src_vocab, tgt_vocab,
+                                                                            cfg.max_len), device)
+
     # --- evaluation on held-out pairs -----------------------------------------------------------------------
     sources, references = [en for en, _ in short["test"]], [es for _, es in short["test"]]
     greedy_out, beam_out = distributed.on_main(translate_test_set, model, sources, src_vocab, tgt_vocab, cfg,
