@@ -34,7 +34,9 @@ Why it can beat the LSTM at equal time, even at this small size: training sees a
 at once in every layer (the LSTM's recurrence is T sequential steps), so each second of CPU buys more
 updates; and every target word reads every source word directly, however far apart. It also has no
 built-in notion of order or locality, so on 20k sentence pairs it needs more passes over the data than
-the LSTM to learn what recurrence gives for free: the README has both recipes' numbers.
+the LSTM to learn what recurrence gives for free. At this size it still wins: after one epoch its
+validation loss and BLEU are ahead of the LSTM's, and its 3-epoch default passes the LSTM recipe's target
+(README: measured numbers and the calibration).
 
 Decoding (`dlnotes.beam`, shared with seq2seq): greedy or beam search with a length bound of
 a * source length + b, length-normalised beam scores and no repeated n-grams. The decoder here
