@@ -22,7 +22,10 @@ learning rate decays linearly to 0 over the planned steps, so the run ends on a 
 
 At test time there is no reference: greedy decoding feeds back its own best word until `<eos>`; beam
 search (`dlnotes.beam`) keeps the `beam` best partial translations and picks the best by log-probability
-per word (a plain sum favours short outputs). A word outside the vocabulary comes out as `<unk>`: if the
+/ length ** `--length-penalty` (1: per word; a plain sum favours short outputs). Both stop each sentence at
+`--max-len-a` x its source length + `--max-len-b` tokens and never write the same `--no-repeat-ngram`
+words twice: without these an undertrained model writes "como tu prójimo como ti tu prójimo como ti ..."
+until the length limit. A word outside the vocabulary comes out as `<unk>`: if the
 source word the decoder attended to most is capitalised mid-sentence (a name: "Zecher"), it is copied,
 else dropped.
 BLEU is sacreBLEU on detokenized output against the untouched references, on held-out pairs of at most
@@ -40,7 +43,7 @@ alone evaluates.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -50,7 +53,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
 
 from dlnotes import distributed
-from dlnotes.beam import beam_search
+from dlnotes.beam import beam_search, max_lengths
 from dlnotes.catalog import recipe_id
 from dlnotes.checkpoint import load_checkpoint, load_weights, restore_config, save_checkpoint
 from dlnotes.datasets import epoch_generator
@@ -59,9 +62,23 @@ from dlnotes.errors import UserError
 from dlnotes.flags import require_choice, require_positive
 from dlnotes.launch import cli
 from dlnotes.plots import plot_attention
-from dlnotes.text import BOS, EOS, PAD, UNK, Vocab, corpus_bleu, detokenize, word_tokens
-from dlnotes.textdata import load_translation_pairs
+from dlnotes.text import EOS, Vocab, corpus_bleu, detokenize, word_tokens
 from dlnotes.tracking import Run
+from dlnotes.translation import (  # noqa: F401
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    SPECIALS,
+    TOY_PAIRS,
+    UNK_ID,
+    build_vocabs,
+    collate,
+    encode_pairs,
+    length_batches,
+    load_pairs,
+    source_tokens,
+    target_tokens,
+)
 
 TAGS = ("text", "translation", "rnn", "attention")
 DATASET = "English-Spanish Bible verses (offline) | toy"
@@ -69,11 +86,7 @@ TARGET = ("test_bleu", 15.0)  # sacreBLEU on held-out verses of at most 20 Engli
 SMOKE = {"dataset": "toy", "epochs": 30, "batch_size": 2, "hidden": 64}
 DISTRIBUTED = True  # dlnotes run seq2seq --nproc N
 DATASETS = ("bible", "toy")
-SPECIALS = (PAD, UNK, BOS, EOS)  # ids 0..3 in both vocabularies
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(4)
-TOY_PAIRS = [("hello world", "bonjour monde"), ("hello", "bonjour"), ("world", "monde"),
-             ("hello my friend", "bonjour mon ami"), ("my world", "mon monde"), ("thank you", "merci"),
-             ("good night world", "bonne nuit monde"), ("thank you my friend", "merci mon ami")]
+# The data pieces (pairs, tokens, vocabularies, batches) come from dlnotes.translation, shared with transformer-mt.
 
 
 @dataclass
@@ -89,6 +102,10 @@ class Config:
     max_len: int = 40  # training pairs up to this many tokens per side (80 % of the verses)
     eval_words: int = 20  # BLEU on held-out pairs of at most this many English words
     beam: int = 5  # beam width for the final BLEU (1 = greedy only)
+    no_repeat_ngram: int = 4  # decoding: no n-gram twice (0 = off); 4 had the best validation BLEU of 0, 2, 3, 4
+    length_penalty: float = 1.0  # decoding: the best beam by log-probability / length ** this (0 = plain sum)
+    max_len_a: float = 1.5  # decoding: outputs stop at a * source words + b tokens (Spanish runs ~1.1x English)
+    max_len_b: int = 10
     clip: float = 1.0  # gradient norm clipping
     limit_batches: int = 0  # 0 = all; smoke runs train on a few batches only
     device: str = "auto"  # auto | cpu | cuda | mps
@@ -99,64 +116,12 @@ class Config:
         require_choice(self, "dataset", DATASETS)
         require_positive(self, "epochs", "batch_size", "lr", "hidden", "max_vocab", "max_len", "eval_words", "beam",
                          "clip")
+        require_positive(self, "max_len_a")
+        if min(self.no_repeat_ngram, self.length_penalty, self.max_len_b) < 0:
+            raise UserError("--no-repeat-ngram, --length-penalty and --max-len-b must be >= 0 (0 turns the first "
+                            "two off).")
         if self.hidden % 2:
             raise UserError(f"--hidden must be even (two encoder directions of hidden/2), got {self.hidden}.")
-
-
-# --- data -------------------------------------------------------------------------------------------------
-
-
-def load_pairs(cfg: Config) -> dict[str, list[tuple[str, str]]]:
-    if cfg.dataset == "toy":  # the point of toy is to learn these exactly: every split is the same pairs
-        return {split: list(TOY_PAIRS) for split in ("train", "validation", "test")}
-    return load_translation_pairs("bible-en-es")
-
-
-def source_tokens(text: str) -> list[str]:
-    return word_tokens(text, lower=True)  # English lower-cased: a smaller vocabulary for the same words
-
-
-def target_tokens(text: str) -> list[str]:
-    return word_tokens(text, lower=False)  # Spanish keeps its case: BLEU compares with cased references
-
-
-def build_vocabs(train_pairs: list[tuple[str, str]], cfg: Config) -> tuple[Vocab, Vocab]:
-    """English and Spanish vocabularies from the training split only. In toy every word counts; in the Bible a
-    word seen once is mostly a name or a typo and becomes <unk> (which then gets trained)."""
-    min_count = 1 if cfg.dataset == "toy" else 2
-    return (Vocab.build((source_tokens(en) for en, _ in train_pairs), min_count, cfg.max_vocab, SPECIALS),
-            Vocab.build((target_tokens(es) for _, es in train_pairs), min_count, cfg.max_vocab, SPECIALS))
-
-
-def encode_pairs(pairs, src_vocab: Vocab, tgt_vocab: Vocab, max_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(source ids, target ids) for pairs whose two sides fit in max_len tokens."""
-    encoded = []
-    for en, es in pairs:
-        src, tgt = source_tokens(en), target_tokens(es)
-        if 0 < len(src) <= max_len and 0 < len(tgt) <= max_len:
-            encoded.append((torch.tensor(src_vocab.encode(src)), torch.tensor(tgt_vocab.encode(tgt))))
-    return encoded
-
-
-def length_batches(data: list, batch_size: int, generator: torch.Generator, limit: int = 0) -> list[list[int]]:
-    """Batches of sentences of similar length, in random order: almost no padding, still shuffled."""
-    order = torch.randperm(len(data), generator=generator).tolist()  # random ties between equal lengths
-    order.sort(key=lambda i: len(data[i][0]))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-    return batches[:limit] if limit > 0 else batches
-
-
-def collate(data: list, idx: list[int], device: torch.device):
-    """Padded source (B, S) with its lengths (B,), decoder input <bos> y (B, T) and target y <eos> (B, T)."""
-    src = [data[i][0] for i in idx]
-    tgt = [data[i][1] for i in idx]
-    bos, eos = torch.tensor([BOS_ID]), torch.tensor([EOS_ID])
-    lengths = torch.tensor([len(s) for s in src])  # stays on the CPU: pack_padded_sequence wants it there
-    source = pad_sequence(src, batch_first=True, padding_value=PAD_ID).to(device)
-    decoder_in = pad_sequence([torch.cat([bos, t]) for t in tgt], batch_first=True, padding_value=PAD_ID)
-    target = pad_sequence([torch.cat([t, eos]) for t in tgt], batch_first=True, padding_value=PAD_ID)
-    return source, lengths, decoder_in.to(device), target.to(device)
 
 
 # --- model ------------------------------------------------------------------------------------------------
@@ -203,40 +168,31 @@ class Seq2Seq(nn.Module):
 # --- decoding ---------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def greedy(model: Seq2Seq, source: torch.Tensor, lengths: torch.Tensor, max_steps: int):
-    """Feed back the most likely word until every sentence has said <eos>. Ids (B, T) and attention (B, T, S)."""
-    memory, mask, state = model.encode(source, lengths)
-    word = torch.full((len(source), 1), BOS_ID, device=source.device)  # (B, 1)
-    words, attentions = [], []
-    done = torch.zeros(len(source), dtype=torch.bool, device=source.device)
-    for _ in range(max_steps):
-        logits, state, attention = model.decode(word, state, memory, mask)  # (B, 1, V), (B, 1, S)
-        word = logits.argmax(dim=-1).masked_fill(done[:, None], PAD_ID)  # (B, 1); finished ones emit <pad>
-        words.append(word)
-        attentions.append(attention)
-        done |= word[:, 0] == EOS_ID
-        if done.all():
-            break
-    return torch.cat(words, dim=1), torch.cat(attentions, dim=1)
+def greedy(model: Seq2Seq, source: torch.Tensor, lengths: torch.Tensor, max_steps: int | torch.Tensor,
+           no_repeat_ngram: int = 0):
+    """Feed back the most likely word until every sentence has said <eos>: the beam search with a beam of one,
+    so the same guards apply. Ids (B, T) and attention (B, T, S)."""
+    return beam_decode(model, source, lengths, max_steps, 1, no_repeat_ngram=no_repeat_ngram)
 
 
 def decode_step(model: Seq2Seq, memory: torch.Tensor, mask: torch.Tensor, words: torch.Tensor, state):
     """One generation step for the beam search: last words (N, 1) -> logits (N, V), the new state, and the
-    source position each row attended to most (N,), kept along each hypothesis for copying names."""
+    attention row (N, S), kept along each hypothesis for copying names and for the plot."""
     logits, state, attention = model.decode(words, state, memory, mask)  # (N, 1, V), (N, 1, S)
-    return logits[:, -1], state, attention[:, -1].argmax(dim=-1)
+    return logits[:, -1], state, attention[:, -1]
 
 
 @torch.no_grad()
-def beam_decode(model: Seq2Seq, source: torch.Tensor, lengths: torch.Tensor, max_steps: int, beam: int):
-    """Beam search over this model's decoder, B sentences x K beams as one batch. Returns the best ids (B, T)
-    and the most-attended source position of each word (B, T)."""
+def beam_decode(model: Seq2Seq, source: torch.Tensor, lengths: torch.Tensor, max_steps: int | torch.Tensor,
+                beam: int, length_penalty: float = 1.0, no_repeat_ngram: int = 0):
+    """Beam search over this model's decoder, B sentences x K beams as one batch; `max_steps` is one bound or
+    one per sentence (B,). Returns the best ids (B, T) and the attention of each word (B, T, S)."""
     memory, mask, state = model.encode(source, lengths)
     memory, mask = memory.repeat_interleave(beam, dim=0), mask.repeat_interleave(beam, dim=0)  # (B*K, S, H)
     state = tuple(s.repeat_interleave(beam, dim=1) for s in state)  # (1, B*K, H); row b*K + k: beam k of b
     step = partial(decode_step, model, memory, mask)
-    return beam_search(step, state, len(source), beam, max_steps, BOS_ID, EOS_ID, PAD_ID, state_dim=1)
+    return beam_search(step, state, len(source), beam, max_steps, BOS_ID, EOS_ID, PAD_ID, state_dim=1,
+                       length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram)
 
 
 def to_text(ids: list[int], pointers: list[int], source_words: list[str], tgt_vocab: Vocab) -> list[str]:
@@ -265,12 +221,9 @@ def translate(model: Seq2Seq, texts: list[str], src_vocab: Vocab, tgt_vocab: Voc
         ids = [torch.tensor(src_vocab.encode([w.lower() for w in ws])) for ws in words]
         lengths = torch.tensor([len(i) for i in ids])
         source = pad_sequence(ids, batch_first=True, padding_value=PAD_ID).to(device)  # (B, S)
-        max_steps = 2 * int(lengths.max()) + 10  # Spanish runs ~1.1x the English length; leave room
-        if beam > 1:
-            out, pointers = beam_decode(model, source, lengths, max_steps, beam)
-        else:
-            out, attention = greedy(model, source, lengths, max_steps)  # (B, T), (B, T, S)
-            pointers = attention.argmax(dim=-1)
+        bound = max_lengths(lengths, cfg.max_len_a, cfg.max_len_b)  # (B,): a looping decoder stops here
+        out, attention = beam_decode(model, source, lengths, bound, beam, cfg.length_penalty, cfg.no_repeat_ngram)
+        pointers = attention.argmax(dim=-1)  # (B, T): the source word each output word looked at most
         for row, (n, ws) in enumerate(zip(chunk, words)):
             outputs[n] = to_text(out[row].tolist(), pointers[row].tolist(), ws, tgt_vocab)
             if beam == 1:
@@ -382,10 +335,13 @@ def write_samples(path: Path, sources, references, greedy_out, beam_out, beam: i
 # --- using the trained model ------------------------------------------------------------------------------
 
 
-def predict(run_dir: str | Path, inputs: list[str], beam: int = 5) -> list[dict]:
+def predict(run_dir: str | Path, inputs: list[str], beam: int = 5, no_repeat_ngram: int = Config.no_repeat_ngram,
+            length_penalty: float = Config.length_penalty, max_len_a: float = Config.max_len_a,
+            max_len_b: int = Config.max_len_b) -> list[dict]:
     """Spanish translations of English sentences (beam search; `--beam 1` is greedy)."""
     state = load_checkpoint(run_dir, recipe_id(__file__))
-    cfg = restore_config(Config, state)
+    cfg = replace(restore_config(Config, state), no_repeat_ngram=no_repeat_ngram, length_penalty=length_penalty,
+                  max_len_a=max_len_a, max_len_b=max_len_b)  # decoding options: these, not the run's
     src_vocab, tgt_vocab = Vocab(state["src_vocab"]), Vocab(state["tgt_vocab"])
     model = Seq2Seq(len(src_vocab), len(tgt_vocab), cfg.hidden, cfg.dropout)
     load_weights(model, state)

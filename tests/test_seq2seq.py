@@ -214,6 +214,27 @@ def test_predict_on_the_cli(toy_run) -> None:
     assert result.stdout.strip() == "hello world: bonjour monde"
 
 
+def test_decoding_flags_on_the_cli(toy_run) -> None:
+    """The guards are predict options: blocking and the length penalty off still translate the toy pairs; a
+    bound of 1 x 2 source words + 0 leaves room for one word and <eos>."""
+    free = invoke("predict", "seq2seq", "--run", toy_run[1], "hello world", "--no-repeat-ngram", "0",
+                  "--length-penalty", "0")
+    assert free.exit_code == 0, free.output
+    assert free.stdout.strip() == "hello world: bonjour monde"
+    for beam in ("1", "3"):
+        cut = invoke("predict", "seq2seq", "--run", toy_run[1], "hello world", "--max-len-a", "1", "--max-len-b", "0",
+                     "--beam", beam)
+        assert cut.exit_code == 0, cut.output
+        assert cut.stdout.strip() == "hello world: bonjour"
+
+
+def test_negative_decoding_values_are_one_line_errors(toy_run) -> None:
+    assert_one_line_error(invoke("predict", "seq2seq", "--run", toy_run[1], "hello", "--length-penalty", "-1"),
+                          "must be >= 0")
+    assert_one_line_error(invoke("predict", "seq2seq", "--run", toy_run[1], "hello", "--max-len-a", "0"),
+                          "--max-len-a must be positive")
+
+
 def test_the_notes_per_token_loop_is_a_bench_baseline() -> None:
     """`dlnotes bench seq2seq` also runs the notes' loop on the recipe's default model and data."""
     from dlnotes import baselines

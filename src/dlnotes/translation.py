@@ -1,0 +1,81 @@
+"""Translation plumbing shared by the seq2seq and transformer-mt recipes: the same English->Spanish pairs,
+tokens, vocabularies and batches, so the two recipes' BLEU scores compare like for like.
+
+    pairs = load_pairs(cfg)                          # {"train": [(en, es), ...], ...}; cfg.dataset bible | toy
+    src_vocab, tgt_vocab = build_vocabs(pairs["train"], cfg)
+    data = encode_pairs(pairs["train"], src_vocab, tgt_vocab, max_len=40)   # [(src ids, tgt ids), ...]
+    for idx in length_batches(data, 32, generator):  # similar lengths together, batches in random order
+        source, lengths, decoder_in, target = collate(data, idx, device)   # (B, S), (B,), (B, T), (B, T)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from dlnotes.text import BOS, EOS, PAD, UNK, Vocab, word_tokens
+from dlnotes.textdata import load_translation_pairs
+
+SPECIALS = (PAD, UNK, BOS, EOS)  # ids 0..3 in both vocabularies
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(4)
+TOY_PAIRS = [("hello world", "bonjour monde"), ("hello", "bonjour"), ("world", "monde"),
+             ("hello my friend", "bonjour mon ami"), ("my world", "mon monde"), ("thank you", "merci"),
+             ("good night world", "bonne nuit monde"), ("thank you my friend", "merci mon ami")]
+
+
+def load_pairs(cfg: Any) -> dict[str, list[tuple[str, str]]]:
+    """`cfg.dataset` "toy": the notes' pairs in every split (the point is to learn them exactly); else the
+    English-Spanish Bible verses."""
+    if cfg.dataset == "toy":
+        return {split: list(TOY_PAIRS) for split in ("train", "validation", "test")}
+    return load_translation_pairs("bible-en-es")
+
+
+def source_tokens(text: str) -> list[str]:
+    return word_tokens(text, lower=True)  # English lower-cased: a smaller vocabulary for the same words
+
+
+def target_tokens(text: str) -> list[str]:
+    return word_tokens(text, lower=False)  # Spanish keeps its case: BLEU compares with cased references
+
+
+def build_vocabs(train_pairs: list[tuple[str, str]], cfg: Any) -> tuple[Vocab, Vocab]:
+    """English and Spanish vocabularies from the training split only, at most `cfg.max_vocab` each. In toy
+    every word counts; in the Bible a word seen once is mostly a name or a typo and becomes <unk> (which
+    then gets trained)."""
+    min_count = 1 if cfg.dataset == "toy" else 2
+    return (Vocab.build((source_tokens(en) for en, _ in train_pairs), min_count, cfg.max_vocab, SPECIALS),
+            Vocab.build((target_tokens(es) for _, es in train_pairs), min_count, cfg.max_vocab, SPECIALS))
+
+
+def encode_pairs(pairs, src_vocab: Vocab, tgt_vocab: Vocab, max_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(source ids, target ids) for pairs whose two sides fit in max_len tokens."""
+    encoded = []
+    for en, es in pairs:
+        src, tgt = source_tokens(en), target_tokens(es)
+        if 0 < len(src) <= max_len and 0 < len(tgt) <= max_len:
+            encoded.append((torch.tensor(src_vocab.encode(src)), torch.tensor(tgt_vocab.encode(tgt))))
+    return encoded
+
+
+def length_batches(data: list, batch_size: int, generator: torch.Generator, limit: int = 0) -> list[list[int]]:
+    """Batches of sentences of similar length, in random order: almost no padding, still shuffled."""
+    order = torch.randperm(len(data), generator=generator).tolist()  # random ties between equal lengths
+    order.sort(key=lambda i: len(data[i][0]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches[:limit] if limit > 0 else batches
+
+
+def collate(data: list, idx: list[int], device: torch.device):
+    """Padded source (B, S) with its lengths (B,), decoder input <bos> y (B, T) and target y <eos> (B, T)."""
+    src = [data[i][0] for i in idx]
+    tgt = [data[i][1] for i in idx]
+    bos, eos = torch.tensor([BOS_ID]), torch.tensor([EOS_ID])
+    lengths = torch.tensor([len(s) for s in src])  # stays on the CPU: pack_padded_sequence wants it there
+    source = pad_sequence(src, batch_first=True, padding_value=PAD_ID).to(device)
+    decoder_in = pad_sequence([torch.cat([bos, t]) for t in tgt], batch_first=True, padding_value=PAD_ID)
+    target = pad_sequence([torch.cat([t, eos]) for t in tgt], batch_first=True, padding_value=PAD_ID)
+    return source, lengths, decoder_in.to(device), target.to(device)
