@@ -277,6 +277,8 @@ def main(cfg: Config) -> dict[str, float]:
         val_loss, val_bleu = distributed.on_main(validate, model, short["validation"], src_vocab, tgt_vocab, cfg,
                                                  device)
         run.end_epoch(epoch, train_loss=run.epoch_mean("loss"), val_loss=val_loss, val_bleu=val_bleu)
+    if start.epoch > cfg.epochs:  # resumed after the last epoch (stopped during the test): its row has val_loss
+        val_loss = run.history[-1]["val_loss"]
 
     # --- evaluation on held-out pairs -----------------------------------------------------------------------
     sources, references = [en for en, _ in short["test"]], [es for _, es in short["test"]]
