@@ -281,10 +281,10 @@ def main(cfg: Config) -> dict[str, float]:
 
 def predict(run_dir: str | Path, inputs: list[str], per_digit: int = 8, output: str = "", seed: int = 0) -> list[dict]:
     """Generate the digits given (`4 2`): `per_digit` samples of each into one PNG (default: in the run)."""
+    state = load_checkpoint(run_dir, catalog.recipe_id(__file__))  # first: is it a diffusion run at all?
     for digit in inputs:
         if digit not in [str(c) for c in range(10)]:
             raise UserError(f"Unknown digit class '{digit}': give digits 0-9, e.g. `4 2`.")
-    state = load_checkpoint(run_dir, catalog.recipe_id(__file__))
     cfg = restore_config(Config, state)
     model = UNet(cfg.channels)
     load_weights(model, state)
