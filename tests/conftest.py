@@ -51,6 +51,19 @@ def block_network():
     socket.socket.connect_ex = _real_connect_ex
 
 
+@pytest.fixture(autouse=True)
+def _signal_handlers_as_they_were():
+    """Each test starts with the stop-signal handlers pytest began with: a recipe that a test stops with an
+    error before its Run closes must not leave its handler to the next test."""
+    import signal
+
+    kept = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for signum, handler in kept.items():
+        if signal.getsignal(signum) is not handler and handler is not None:
+            signal.signal(signum, handler)
+
+
 @pytest.fixture
 def out_dir(tmp_path: Path) -> Path:
     """Where a test's runs go; also the working directory, so nothing lands in the repo."""
