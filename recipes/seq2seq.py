@@ -78,6 +78,7 @@ from dlnotes.translation import (  # noqa: F401
     load_pairs,
     source_tokens,
     target_tokens,
+    write_samples,
 )
 
 TAGS = ("text", "translation", "rnn", "attention")
@@ -323,15 +324,6 @@ def validation_loss(model: Seq2Seq, data: list, device: torch.device, batch_size
         total += F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=PAD_ID, reduction="sum").item()
         count += int((target != PAD_ID).sum())
     return total / max(count, 1)
-
-
-@distributed.main_rank_only
-def write_samples(path: Path, sources, references, greedy_out, beam_out, beam: int, count: int = 25) -> None:
-    lines = ["# Held-out translations\n"]
-    for n in range(min(count, len(sources))):
-        lines += [f"{n + 1}. **English:** {sources[n]}  ", f"   **Reference:** {references[n]}  ",
-                  f"   **Greedy:** {detokenize(greedy_out[n])}  ", f"   **Beam {beam}:** {detokenize(beam_out[n])}\n"]
-    path.write_text("\n".join(lines), encoding="utf-8")
 
 
 # --- using the trained model ------------------------------------------------------------------------------

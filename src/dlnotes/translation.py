@@ -10,12 +10,14 @@ tokens, vocabularies and batches, so the two recipes' BLEU scores compare like f
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from dlnotes.text import BOS, EOS, PAD, UNK, Vocab, word_tokens
+from dlnotes import distributed
+from dlnotes.text import BOS, EOS, PAD, UNK, Vocab, detokenize, word_tokens
 from dlnotes.textdata import load_translation_pairs
 
 SPECIALS = (PAD, UNK, BOS, EOS)  # ids 0..3 in both vocabularies
@@ -79,3 +81,13 @@ def collate(data: list, idx: list[int], device: torch.device):
     decoder_in = pad_sequence([torch.cat([bos, t]) for t in tgt], batch_first=True, padding_value=PAD_ID)
     target = pad_sequence([torch.cat([t, eos]) for t in tgt], batch_first=True, padding_value=PAD_ID)
     return source, lengths, decoder_in.to(device), target.to(device)
+
+
+@distributed.main_rank_only
+def write_samples(path: Path, sources, references, greedy_out, beam_out, beam: int, count: int = 25) -> None:
+    """samples.md: the first `count` held-out sentences with their reference, greedy and beam translations."""
+    lines = ["# Held-out translations\n"]
+    for n in range(min(count, len(sources))):
+        lines += [f"{n + 1}. **English:** {sources[n]}  ", f"   **Reference:** {references[n]}  ",
+                  f"   **Greedy:** {detokenize(greedy_out[n])}  ", f"   **Beam {beam}:** {detokenize(beam_out[n])}\n"]
+    path.write_text("\n".join(lines), encoding="utf-8")
