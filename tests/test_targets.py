@@ -67,3 +67,31 @@ def test_summary_and_best_checkpoint_follow_a_lower_is_better_target(tmp_path: P
     run.finish({"val_loss": 1.5})
     summary = json.loads((run.dir / "summary.json").read_text())
     assert summary["target"] == ["val_loss", 1.6, "<="] and summary["target_met"] is True
+
+
+TWO_TARGET_RECIPE = '''"""An autoencoder judged twice."""
+TARGET = ("test_psnr", 14.0)
+ALSO_TARGETS = (("knn_acc", 0.70),)
+'''
+
+
+@pytest.mark.parametrize(("knn_acc", "met"), [(0.69, False), (0.71, True)])
+def test_a_run_meets_its_targets_only_when_it_meets_all_of_them(tmp_path: Path, knn_acc: float, met: bool) -> None:
+    path = tmp_path / "judged_twice.py"
+    path.write_text(TWO_TARGET_RECIPE)
+    info = read_recipe(path)
+    assert info.target == Target("test_psnr", 14.0) and info.also_targets == (Target("knn_acc", 0.70),)
+    run = Run(str(path), LmConfig(out=str(tmp_path / "runs")))
+    run.finish({"test_psnr": 15.0, "knn_acc": knn_acc})  # the first target is met either way
+    summary = json.loads((run.dir / "summary.json").read_text())
+    assert summary["target_met"] is met
+    assert summary["also_targets"] == [["knn_acc", 0.70, ">=", met]]
+
+
+def test_also_targets_must_be_a_tuple_of_targets(tmp_path: Path) -> None:
+    from dlnotes.errors import UserError
+
+    path = tmp_path / "bad.py"
+    path.write_text('"""Bad."""\nTARGET = ("test_psnr", 14.0)\nALSO_TARGETS = ("knn_acc", 0.70)\n')
+    with pytest.raises(UserError, match="ALSO_TARGETS"):
+        read_recipe(path)

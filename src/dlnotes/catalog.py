@@ -38,7 +38,7 @@ from typing import Any
 from dlnotes.errors import UserError
 
 FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
-METADATA = ("TAGS", "DATASET", "TARGET", "SMOKE", "DISTRIBUTED", "TRAINS")  # the module constants the catalog reads
+METADATA = ("TAGS", "DATASET", "TARGET", "ALSO_TARGETS", "SMOKE", "DISTRIBUTED", "TRAINS")  # the module constants the catalog reads
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,9 @@ class RecipeInfo:
     tags: tuple[str, ...] = ()
     dataset: str = ""
     target: Target | None = None
+    # ALSO_TARGETS = (("knn_acc", 0.70),): further figures a default run must reach. TARGET stays the one that
+    # times a run (bench's time to target) and picks best.pt; a run meets its targets only when it meets all.
+    also_targets: tuple[Target, ...] = ()
     smoke: dict[str, Any] = field(default_factory=dict)
     fields: tuple[FieldSpec, ...] = ()
     can_predict: bool = False
@@ -196,8 +199,14 @@ def read_module(module: ModuleType, config_class: type) -> RecipeInfo:
 
 def read_target(path: Path) -> Target | None:
     """Only a recipe file's TARGET (a run needs nothing else, and its Config may have computed defaults)."""
+    return read_targets(path)[0]
+
+
+def read_targets(path: Path) -> tuple[Target | None, tuple[Target, ...]]:
+    """A recipe file's TARGET and ALSO_TARGETS, read without running the file."""
     tree, _ = _parse(path)
-    return _target(path, _module_constants(tree, path, ("TARGET",)).get("TARGET"))
+    constants = _module_constants(tree, path, ("TARGET", "ALSO_TARGETS"))
+    return _target(path, constants.get("TARGET")), _also_targets(path, constants.get("ALSO_TARGETS", ()))
 
 
 def _info(path: Path, doc: str | None, constants: dict[str, Any], fields: list[FieldSpec],
@@ -214,6 +223,7 @@ def _info(path: Path, doc: str | None, constants: dict[str, Any], fields: list[F
         tags=tuple(constants.get("TAGS", ())),
         dataset=constants.get("DATASET", ""),
         target=_target(path, constants.get("TARGET")),
+        also_targets=_also_targets(path, constants.get("ALSO_TARGETS", ())),
         smoke=dict(smoke),
         fields=tuple(fields),
         can_predict=can_predict,
@@ -258,6 +268,12 @@ def _target(path: Path, value: Any) -> Target | None:
     except (TypeError, ValueError):
         raise UserError(f"{path}: TARGET must be (metric, value) or (metric, value, '<='), "
                         f"not {value!r}") from None
+
+
+def _also_targets(path: Path, value: Any) -> tuple[Target, ...]:
+    if not isinstance(value, (tuple, list)) or not all(isinstance(item, (tuple, list)) for item in value):
+        raise UserError(f"{path}: ALSO_TARGETS must be a tuple of (metric, value[, '<=']) tuples, not {value!r}")
+    return tuple(_target(path, item) for item in value)
 
 
 def _line_comments(source: str) -> dict[int, str]:

@@ -54,7 +54,7 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _target_text(info: catalog.RecipeInfo) -> str:
-    return str(info.target) if info.target else "—"
+    return ", ".join(str(target) for target in (info.target, *info.also_targets) if target) or "—"
 
 
 def _json_row(info: catalog.RecipeInfo) -> dict[str, Any]:

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dlnotes import __version__, distributed
-from dlnotes.catalog import RecipeInfo, Target, all_recipes, read_target, recipe_id
+from dlnotes.catalog import RecipeInfo, Target, all_recipes, read_targets, recipe_id
 from dlnotes.errors import TrainingDiverged, TrainingInterrupted, UserError
 from dlnotes.interrupts import StopRequests
 from dlnotes.options import RunOptions, current_launch
@@ -74,7 +74,7 @@ class Run:
                  resume_from: Callable[[Path, str], ResumePoint] = resume_point):
         launch = current_launch()
         self.recipe = recipe_id(recipe_file)
-        self.target = _recipe_target(Path(recipe_file), launch.recipe)
+        self.target, self.also_targets = _recipe_targets(Path(recipe_file), launch.recipe)
         self._config = config
         self._device = str(device)
         self.options = options or launch.options
@@ -263,19 +263,21 @@ class Run:
         if not self.is_main:
             self.close()
             return metrics
-        met = None
-        if self.target and self.target.metric in metrics:
-            met = self.target.met(float(metrics[self.target.metric]))
+        checked = [(target, target.met(float(metrics[target.metric])))
+                   for target in (self.target, *self.also_targets) if target and target.metric in metrics]
+        met = all(ok for _, ok in checked) if checked else None
+        also = [[*target.as_list(), ok] for target, ok in checked if target is not self.target]
         self._files.write_summary({"recipe": self.recipe, "metrics": metrics,
                                    "target": self.target.as_list() if self.target else None, "target_met": met,
+                                   **({"also_targets": also} if also else {}),
                                    "wall_time_s": round(wall, 2), "device": self._device, **extra})
         self._files.write_curves(self.recipe)
         self.close()
         print(f"\n{self.recipe} finished in {wall:.1f} s on {self._device}")
         for key, value in metrics.items():
             print(f"  {key:<16} {value:.4f}" if isinstance(value, float) else f"  {key:<16} {value}")
-        if met is not None:
-            print(f"  target           {self.target}: {'met' if met else 'NOT met'}")
+        for target, ok in checked:
+            print(f"  target           {target}: {'met' if ok else 'NOT met'}")
         print(f"  run directory    {self.dir}")
         return metrics
 
@@ -284,17 +286,17 @@ class Run:
         self._stops.release()
 
 
-def _recipe_target(path: Path, launched: RecipeInfo | None) -> Target | None:
-    """The recipe file's TARGET from its catalog entry: the launcher's, else the catalog's (read once per
-    process); a file outside the catalog (a copied recipe, whose Config may have computed defaults) has only its
-    TARGET read here."""
+def _recipe_targets(path: Path, launched: RecipeInfo | None) -> tuple[Target | None, tuple[Target, ...]]:
+    """The recipe file's TARGET and ALSO_TARGETS from its catalog entry: the launcher's, else the catalog's (read
+    once per process); a file outside the catalog (a copied recipe, whose Config may have computed defaults) has
+    only its targets read here."""
     path = path.resolve()
     if launched is not None and launched.path.resolve() == path:
-        return launched.target
+        return launched.target, launched.also_targets
     listed = all_recipes().get(recipe_id(path))
     if listed is not None and listed.path.resolve() == path:
-        return listed.target
-    return read_target(path)
+        return listed.target, listed.also_targets
+    return read_targets(path)
 
 
 def _torch_version() -> str:
