@@ -147,8 +147,7 @@ def train_lightning(model: LitAutoEncoder, cfg: Config, run: Run, device: torch.
     callback = lightning_adapter.RunCallback(run, cfg)
     trainer = L.Trainer(max_epochs=cfg.epochs, **callback.trainer_arguments(device, len(batches)))
     held_out = lightning_adapter.EpochBatches(*test, batch_size=len(test[0]), shuffle=False)
-    trainer.fit(model, batches, held_out, ckpt_path=lightning_adapter.resume_checkpoint(run))
-    callback.raise_if_interrupted()
+    callback.fit(trainer, model, batches, held_out)  # trainer.fit, resumed from the run's checkpoint; Ctrl-C ends it
     return callback.samples_per_s
 
 

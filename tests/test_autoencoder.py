@@ -114,3 +114,21 @@ def test_ctrl_c_mid_epoch_saves_and_the_resumed_lightning_run_ends_as_an_uninter
     resumed = json.loads((run_dir / "summary.json").read_text())["metrics"]
     assert resumed["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-6)
     torch.testing.assert_close(_weights(run_dir), _weights(whole_dir))
+
+
+def test_a_second_ctrl_c_under_lightning_quits_at_once_with_130_not_lightnings_1(smoke_run, monkeypatch) -> None:
+    from dlnotes.interrupts import StopNow
+
+    module = catalog.load_module(catalog.get("autoencoder"))
+    training_step = module.LitAutoEncoder.training_step
+
+    def step_then_two_ctrl_c(self, batch, batch_idx):
+        if batch_idx == 2:  # both land inside a step: the first asks to stop after it, the second quits at once
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(module.LitAutoEncoder, "training_step", step_then_two_ctrl_c)
+    with pytest.raises(StopNow) as stopped:  # Lightning catches it and calls sys.exit(1); the adapter gives it back
+        smoke_run("autoencoder")
+    assert stopped.value.exit_code == 130

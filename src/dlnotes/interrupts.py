@@ -30,6 +30,7 @@ class StopNow(KeyboardInterrupt):
 class StopRequests:
     def __init__(self, announce: bool):
         self.requested = False
+        self.quit: StopNow | None = None  # the second signal's StopNow, once raised (a framework may swallow it)
         self.signum = signal.SIGINT  # which signal asked: it sets the exit code
         self._announce = announce  # rank 0 alone prints
         self._previous: dict[int, Any] = {}
@@ -53,7 +54,8 @@ class StopRequests:
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.requested:  # the second signal: stop now
             self.release()
-            raise StopNow(signum)
+            self.quit = StopNow(signum)
+            raise self.quit
         self.requested, self.signum = True, signum
         if self._announce:
             again = "Ctrl-C again" if signum == signal.SIGINT else "send it again"

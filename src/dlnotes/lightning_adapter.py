@@ -6,8 +6,7 @@ callbacks' and data loaders' states). A recipe wires the run in with four calls:
     run = Run(__file__, cfg, device)
     callback = lightning_adapter.RunCallback(run, cfg)
     trainer = L.Trainer(max_epochs=cfg.epochs, **callback.trainer_arguments(device))
-    trainer.fit(module, lightning_adapter.EpochBatches(...), ckpt_path=lightning_adapter.resume_checkpoint(run))
-    callback.raise_if_interrupted()                      # after Ctrl-C: exit code 130, naming the checkpoint
+    callback.fit(trainer, module, lightning_adapter.EpochBatches(...))  # trainer.fit, resumed, Ctrl-C as below
 
 What goes where, Lightning's own hooks pointed at the run:
 - `self.log(...)` in the LightningModule -> `RunLogger` (a Lightning Logger) -> `run.log`: metrics.jsonl and
@@ -16,8 +15,10 @@ What goes where, Lightning's own hooks pointed at the run:
   --keep are kept) and `best.pt` (the recipe's target metric). `RunCheckpointIO` (a Lightning CheckpointIO)
   stores Lightning's dict inside the house's checkpoint format, so they load with `weights_only=True`, are
   checked to belong to the recipe, and `--resume` finds them like any recipe's; `ckpt_path` restores the loop.
-- Ctrl-C -> the run's stop request; the callback saves after the current step and stops the Trainer
-  (Lightning's own handler would exit with code 1 and no checkpoint).
+- Ctrl-C -> the run's stop request; the callback saves after the current step and stops the Trainer, and the
+  run ends with exit code 130 naming the checkpoint (Lightning's own handler would exit with code 1 and no
+  checkpoint). A second Ctrl-C quits at once with 130 too: Lightning turns any KeyboardInterrupt into
+  `sys.exit(1)`, so `fit` gives the run's own exit code back.
 - progress: Lightning's bar on a terminal, the house's plain line every 10 s otherwise.
 """
 
@@ -217,6 +218,18 @@ class RunCallback(L.Callback):
         restore_rng(checkpoint["dlnotes_rng"], None)
         print(f"resuming {self.run.dir} at step {checkpoint['global_step']} (epoch {checkpoint['epoch'] + 1})",
               flush=True)
+
+    def fit(self, trainer: L.Trainer, module: L.LightningModule, *loaders: Any) -> None:
+        """`trainer.fit` from the run's newest checkpoint (or the start), then the run's end after a stop signal:
+        the first ends the run with 128 + its number (130 for Ctrl-C), naming the checkpoint; a second quits with
+        that code at once, where Lightning would exit with 1."""
+        try:
+            trainer.fit(module, *loaders, ckpt_path=resume_checkpoint(self.run))
+        except SystemExit:
+            if self.run.quit_at_once is None:
+                raise
+            raise self.run.quit_at_once from None
+        self.raise_if_interrupted()
 
     def raise_if_interrupted(self) -> None:
         """After `trainer.fit`: a stop request ends the run here (exit code 130), naming the checkpoint."""

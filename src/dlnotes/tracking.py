@@ -141,6 +141,11 @@ class Run:
     def stop_requested(self) -> bool:
         return self._stops.requested
 
+    @property
+    def quit_at_once(self) -> BaseException | None:
+        """The StopNow a second stop signal raised, if one did: for adapters whose framework catches it."""
+        return self._stops.quit
+
     def steps(self, iterable: Iterable[T], total: int, desc: str) -> Iterator[T]:
         """Yield from `iterable`, one training step each, showing progress: a live bar on a terminal, a line every
         few seconds otherwise. Inside the loop call `run.update(samples, loss=loss)`; values are read only when
