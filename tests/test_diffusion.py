@@ -89,3 +89,41 @@ def test_judge_run_of_another_recipe_is_one_line(invoke, out_dir: Path) -> None:
     result = invoke("run", "diffusion", "--judge-run", other, "--out", out_dir)
     assert_one_line_error(result, "is a run of 'mlp', not 'cnn-mnist'")
     assert not (out_dir / "diffusion").exists()  # refused before a run directory was made
+
+
+def test_interrupted_and_resumed_run_ends_as_an_uninterrupted_one(smoke_run, out_dir: Path, monkeypatch) -> None:
+    """Exact resume: the noise, timesteps and label dropout come from the run's generator, saved with the weights."""
+    import os
+    import signal
+
+    from dlnotes import options
+    from dlnotes.errors import TrainingInterrupted
+    from dlnotes.tracking import Run
+
+    settings = {"epochs": 2, "limit_batches": 3}
+    _, whole = smoke_run("diffusion", **settings)
+    calls, update = 0, Run.update
+
+    def update_then_ctrl_c(self, samples, **values):
+        nonlocal calls
+        update(self, samples, **values)
+        calls += 1
+        if calls == 4:  # epoch 2, batch 1
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Run, "update", update_then_ctrl_c)
+    with pytest.raises(TrainingInterrupted, match="Interrupted at step 4"):
+        smoke_run("diffusion", **settings, out=str(out_dir / "b"))
+    monkeypatch.setattr(Run, "update", update)
+    interrupted = next((out_dir / "b" / "diffusion").iterdir())
+    with options.using(options.RunOptions(resume=str(interrupted))):
+        smoke_run("diffusion", **settings, out=str(out_dir / "b"))
+
+    def rows(run_dir: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(line).items() if k not in ("time_s", "samples_per_s")}
+                for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    assert rows(interrupted) == rows(whole)
+    resumed_weights = torch.load(interrupted / "checkpoint.pt", weights_only=True)["model"]
+    for name, tensor in torch.load(whole / "checkpoint.pt", weights_only=True)["model"].items():
+        torch.testing.assert_close(resumed_weights[name], tensor, rtol=0, atol=0)
