@@ -53,15 +53,23 @@ def block_network():
 
 @pytest.fixture(autouse=True)
 def _signal_handlers_as_they_were():
-    """Each test starts with the stop-signal handlers pytest began with: a recipe that a test stops with an
-    error before its Run closes must not leave its handler to the next test."""
+    """Each test starts with the stop-signal handlers pytest began with, and a test whose Run still holds a signal
+    when it ends fails: a Run releases them when it finishes, stops, or its launch ends. (Lightning's Ctrl-C
+    handling sets SIG_IGN in-process; that, not being ours, is only put back.)"""
     import signal
+
+    from dlnotes.interrupts import StopRequests
 
     kept = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     yield
+    leaked = []
     for signum, handler in kept.items():
-        if signal.getsignal(signum) is not handler and handler is not None:
+        now = signal.getsignal(signum)
+        if now is not handler and handler is not None:
             signal.signal(signum, handler)
+            if isinstance(getattr(now, "__self__", None), StopRequests):
+                leaked.append(signal.Signals(signum).name)
+    assert not leaked, f"a Run left its handler for {', '.join(leaked)} behind"
 
 
 @pytest.fixture
@@ -81,14 +89,15 @@ def _cwd_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def smoke_run(out_dir: Path):
     """Run a recipe's main() in-process with its SMOKE settings (plus overrides) on the CPU.
     Returns (metrics, run directory)."""
-    from dlnotes import catalog
+    from dlnotes import catalog, options
     from dlnotes.tracking import latest_run
 
     def run(recipe: str, **overrides: object) -> tuple[dict[str, float], Path]:
         info = catalog.get(recipe)
         module = catalog.load_module(info)
         values = catalog.config_values(info, smoke=True, device="cpu", out=str(out_dir))
-        metrics = module.main(module.Config(**(values | overrides)))  # a misspelt override fails here
+        with options.using(options.current_launch().options, recipe=info):  # as `dlnotes run` launches it
+            metrics = module.main(module.Config(**(values | overrides)))  # a misspelt override fails here
         return metrics, latest_run(out_dir, info.id) if info.field("out") else out_dir
 
     return run

@@ -255,7 +255,7 @@ def test_run_takes_the_target_from_the_launchers_catalog_entry(tmp_path: Path, m
     def refuse(path):
         raise AssertionError(f"read {path} again")
 
-    monkeypatch.setattr(tracking, "read_target", refuse)
+    monkeypatch.setattr(tracking, "read_targets", refuse)
     info = catalog.get("mlp")
     mlp, cfg = mlp_config(tmp_path)
     assert tracking.Run(mlp.__file__, cfg).target == info.target  # from the catalog, read once per process

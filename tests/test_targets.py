@@ -95,3 +95,25 @@ def test_also_targets_must_be_a_tuple_of_targets(tmp_path: Path) -> None:
     path.write_text('"""Bad."""\nTARGET = ("test_psnr", 14.0)\nALSO_TARGETS = ("knn_acc", 0.70)\n')
     with pytest.raises(UserError, match="ALSO_TARGETS"):
         read_recipe(path)
+
+
+def test_a_run_that_raises_before_finish_is_closed_when_its_launch_ends(tmp_path: Path) -> None:
+    """Its Ctrl-C handler goes back to whoever had it and its lock file goes, so a later --resume in the same
+    process (a notebook, the tests) is not refused by a run that is long over."""
+    import signal
+
+    import torch
+
+    from dlnotes import options
+    from dlnotes.errors import UserError
+
+    path = tmp_path / "tiny_lm.py"
+    path.write_text(LOWER_IS_BETTER_RECIPE)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(UserError, match="bad data"), options.using(options.RunOptions()):
+        run = Run(str(path), LmConfig(out=str(tmp_path / "runs")))
+        run.attach(torch.nn.Linear(2, 2))  # watches Ctrl-C from here on
+        assert signal.getsignal(signal.SIGINT) is not before and (run.dir / ".lock").is_file()
+        raise UserError("bad data")  # a recipe failing mid-run, without finish()
+    assert signal.getsignal(signal.SIGINT) is before
+    assert not (run.dir / ".lock").exists()

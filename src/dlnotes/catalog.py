@@ -38,7 +38,8 @@ from typing import Any
 from dlnotes.errors import UserError
 
 FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
-METADATA = ("TAGS", "DATASET", "TARGET", "ALSO_TARGETS", "SMOKE", "DISTRIBUTED", "TRAINS")  # the module constants the catalog reads
+# the module constants the catalog reads
+METADATA = ("TAGS", "DATASET", "TARGET", "ALSO_TARGETS", "SMOKE", "DISTRIBUTED", "TRAINS")
 
 
 @dataclass(frozen=True)

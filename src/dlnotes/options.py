@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dlnotes.catalog import RecipeInfo
@@ -50,6 +50,9 @@ class Launch:
 
     options: RunOptions
     recipe: RecipeInfo | None = None
+    # The Runs started in this launch: whichever a recipe left open (it raised before `finish`) is closed when
+    # the launch ends, so its signal handlers, lock file and TensorBoard writer do not outlive it.
+    runs: list[Any] = field(default_factory=list)
 
 
 _current: ContextVar[Launch | None] = ContextVar("dlnotes_launch", default=None)
@@ -57,12 +60,16 @@ _current: ContextVar[Launch | None] = ContextVar("dlnotes_launch", default=None)
 
 @contextmanager
 def using(options: RunOptions, recipe: RecipeInfo | None = None) -> Iterator[None]:
-    """Runs started inside this block get `options` (and `recipe`'s catalog entry); afterwards, what was before."""
-    token = _current.set(Launch(options, recipe))
+    """Runs started inside this block get `options` (and `recipe`'s catalog entry); afterwards, what was before.
+    The block closes every Run started in it, however it ends."""
+    launch = Launch(options, recipe)
+    token = _current.set(launch)
     try:
         yield
     finally:
         _current.reset(token)
+        for run in launch.runs:
+            run.close()
 
 
 def current_launch() -> Launch:

@@ -96,6 +96,7 @@ class Run:
         self._state = TrainingState(self.recipe, config, self.options, self.is_main, resume)
         self._progress = Progress(self.world_size)
         self._stops = StopRequests(announce=self.is_main)
+        launch.runs.append(self)  # closed when the launch ends, should main() raise before `finish`
 
     @property
     def history(self) -> list[dict[str, Any]]:
