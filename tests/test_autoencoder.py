@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -91,27 +90,33 @@ def test_resume_with_fewer_epochs_than_trained_is_one_line(smoke_run, invoke) ->
     assert "--epochs 1 is fewer than the 2 epochs" in result.output
 
 
-def test_ctrl_c_mid_epoch_saves_and_the_resumed_lightning_run_ends_as_an_uninterrupted_one(smoke_run,
-                                                                                            out_dir: Path) -> None:
-    settings = {"epochs": 3, "batch_size": 16, "limit_batches": 0}  # long epochs: the signal lands mid-epoch
+def test_ctrl_c_mid_epoch_saves_and_the_resumed_lightning_run_ends_as_an_uninterrupted_one(smoke_run, out_dir: Path,
+                                                                                            monkeypatch) -> None:
+    """A real Ctrl-C (SIGINT to this process) inside epoch 2's fourth step, then --resume: Lightning's loop, the
+    batch order and the generator continue where they were, so the run ends as one that was never stopped."""
+    from dlnotes import options
+    from dlnotes.errors import TrainingInterrupted
+
+    settings = {"epochs": 3, "batch_size": 16, "limit_batches": 10}
     whole, whole_dir = smoke_run("autoencoder", **settings)
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
-    command = [sys.executable, "-m", "dlnotes", "run", "autoencoder", "--epochs", "3", "--batch-size", "16",
-               "--device", "cpu", "--out", str(out_dir / "interrupted")]
-    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in child.stdout:  # the first progress line (the end of epoch 1 in a log): training has started
-        if line.startswith("epoch 1/3"):
-            break
-    time.sleep(1.0)  # into epoch 2, most likely mid-epoch (either way the resumed run must end the same)
-    child.send_signal(signal.SIGINT)
-    output = line + child.stdout.read()
-    assert child.wait(timeout=300) == 130, output
-    assert "Interrupted at step" in output and "Resume with" in output
+    module = catalog.load_module(catalog.get("autoencoder"))
+    training_step, steps = module.LitAutoEncoder.training_step, 0
+
+    def step_then_ctrl_c(self, batch, batch_idx):
+        nonlocal steps
+        steps += 1
+        if steps == 14:
+            signal.raise_signal(signal.SIGINT)  # the run's handler: stop after this step, saving a checkpoint
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(module.LitAutoEncoder, "training_step", step_then_ctrl_c)
+    with pytest.raises(TrainingInterrupted, match="Interrupted at step 14.*Resume with") as stopped:
+        smoke_run("autoencoder", **settings, out=str(out_dir / "interrupted"))
+    assert stopped.value.exit_code == 130
+    monkeypatch.setattr(module.LitAutoEncoder, "training_step", training_step)
     run_dir = next((out_dir / "interrupted" / "autoencoder").iterdir())
-    done = subprocess.run([*command[:5], "--resume", str(run_dir)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    resumed = json.loads((run_dir / "summary.json").read_text())["metrics"]
+    with options.using(options.RunOptions(resume=str(run_dir))):
+        resumed, _ = smoke_run("autoencoder", **settings, out=str(out_dir / "interrupted"))
     assert resumed["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-6)
     torch.testing.assert_close(_weights(run_dir), _weights(whole_dir))
 

@@ -41,15 +41,18 @@ class StopRequests:
 
     def watch(self) -> None:
         """Catch the stop signals from now on (only the main thread can install handlers; elsewhere they stay)."""
-        if not self._previous and threading.current_thread() is threading.main_thread():
-            self._previous = {signum: signal.signal(signum, self._on_signal) for signum in STOP_SIGNALS}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in STOP_SIGNALS:
+            current = signal.signal(signum, self._on_signal)
+            self._previous.setdefault(signum, current)  # whoever had it before this object first watched
 
     def release(self) -> None:
-        """Give each signal back to whoever handled it before `watch`."""
+        """Give each signal back to whoever handled it before `watch`, wherever this object's handler is in place:
+        also where a framework that saved it while running (Lightning does) put it back after it was released."""
         for signum, previous in self._previous.items():
-            if previous is not None:  # None: the handler was not installed from Python
+            if previous is not None and signal.getsignal(signum) == self._on_signal:  # None: not set from Python
                 signal.signal(signum, previous)
-        self._previous = {}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.requested:  # the second signal: stop now
