@@ -47,7 +47,6 @@ the embedded OpenAI-compatible server (as llm-chat), or by any server with `--ba
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import re
@@ -60,6 +59,7 @@ from pathlib import Path
 from dlnotes.errors import DataError, UserError
 from dlnotes.flags import require_positive
 from dlnotes.launch import cli
+from dlnotes.lessons import Chunk, corpus_version, lessons, load_index, recipes_of, save_index
 from dlnotes.tracking import Run
 
 TAGS = ("text", "llm", "retrieval", "embeddings")
@@ -96,147 +96,6 @@ class Config:
             raise UserError(f"--limit-questions must be 0 (all) or more, got {self.limit_questions}.")
         if not 0 <= self.bm25_b <= 1:
             raise UserError(f"--bm25-b must be between 0 and 1, got {self.bm25_b}.")
-
-
-# --- the corpus: the cookbook's own text, in chunks with stable ids --------------------------------------------
-
-
-@dataclass(frozen=True)
-class Chunk:
-    id: str  # file + anchor (+ .n): survives edits elsewhere in the file
-    text: str  # "where > heading" then the passage: both retrievers and the prompt read the same text
-
-
-def slug(text: str) -> str:
-    """'Interrupting and **resuming**' -> 'interrupting-and-resuming': GitHub's anchors, roughly; a link counts by
-    its text, and long headings are cut after whole words."""
-    parts, kept = re.findall(r"[^\W_]+", re.sub(r"\]\([^)]*\)", "", text).lower()), []
-    for word in parts:
-        if kept and len("-".join([*kept, word])) > 40:
-            break
-        kept.append(word)
-    return "-".join(kept) or "x"
-
-
-def markdown_chunks(source: str, title: str, text: str, max_words: int, anchor: str = "top") -> list[Chunk]:
-    """Split a Markdown text at headings, table rows and bold-lead paragraphs; pack the rest into pieces."""
-    chunks, seen, piece = [], Counter(), []
-    section, heading = anchor, ""
-
-    def flush() -> None:
-        if piece:
-            seen[section] += 1
-            n = seen[section]
-            where = f"{title} > {heading}" if heading else title
-            chunks.append(Chunk(f"{source}#{section}" + (f".{n}" if n > 1 else ""), f"{where}\n" + "\n\n".join(piece)))
-            piece.clear()
-
-    for block in _blocks(text):
-        if block.startswith("#"):
-            flush()
-            heading = block.lstrip("#").strip()
-            section = anchor = slug(heading)
-        elif block.startswith("|") and "\n" in block:  # a table: one chunk per row, named by its first cell
-            flush()
-            rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block.splitlines()]
-            for row in rows[2:]:
-                section = f"{anchor}/{slug(row[0])}"
-                piece.append("; ".join(f"{h}: {c}" for h, c in zip(rows[0], row) if c))
-                flush()
-            section = anchor
-        else:
-            if lead := re.match(r"\*\*([^*]{2,60})\*\*", block):  # **lstm-forecast.** starts a new anchor
-                flush()
-                section = f"{anchor}/{slug(lead.group(1))}"
-            for part in _pieces(block, max_words):
-                if piece and _words(piece) + len(part.split()) > max_words:
-                    flush()
-                piece.append(part)
-    flush()
-    return chunks
-
-
-def _blocks(text: str) -> list[str]:
-    """Paragraphs (a code fence stays whole; a heading is a block of its own)."""
-    blocks, current, fenced = [], [], False
-    for line in text.splitlines():
-        if line.startswith("```"):
-            fenced = not fenced
-        if not fenced and (not line.strip() or line.startswith("#")):
-            if current:
-                blocks.append("\n".join(current))
-            current = [line] if line.strip() else []
-            if line.startswith("#"):
-                blocks.append(line)
-                current = []
-            continue
-        current.append(line)
-    if current:
-        blocks.append("\n".join(current))
-    return blocks
-
-
-def _pieces(block: str, max_words: int) -> list[str]:
-    """A block longer than max_words, cut between lines of code, between list items, or at sentence ends."""
-    if len(block.split()) <= max_words:
-        return [block]
-    if block.startswith(("```", "    ")):
-        units, glue = block.splitlines(), "\n"
-    elif block.startswith(("- ", "* ")):
-        units, glue = re.split(r"\n(?=[-*] )", block), "\n"
-    else:
-        units, glue = re.split(r"(?<=[.;:])\s+", block), " "
-    pieces, current = [], []
-    for unit in units:
-        if current and len(glue.join(current).split()) + len(unit.split()) > max_words:
-            pieces.append(glue.join(current))
-            current = []
-        current.append(unit)
-    return pieces + [glue.join(current)]
-
-
-def _words(piece: list[str]) -> int:
-    return sum(len(p.split()) for p in piece)
-
-
-def lessons(max_words: int, recipes: dict | None = None, readme: str | None = None,
-            data_folder: Path | None = None) -> list[Chunk]:
-    """Every chunk of the cookbook: each recipe's card (title, tags, flags) and notes, README, data READMEs."""
-    from dlnotes import catalog, datasets
-
-    chunks = []
-    for info in (catalog.all_recipes() if recipes is None else recipes).values():
-        flags = "\n".join(f"{f.flag} (default {f.default!r}): {f.help}" for f in info.fields)
-        card = (f"tags: {', '.join(info.tags)}; dataset: {info.dataset}; target: {info.target or 'none'}\n\n"
-                f"`dlnotes run {info.id}` flags:\n\n{flags}")
-        title = f"recipe {info.id}: {info.title}"
-        chunks += markdown_chunks(f"recipe/{info.id}", title, card, max_words, anchor="card")
-        chunks += markdown_chunks(f"recipe/{info.id}", title, info.notes, max_words, anchor="notes")
-    chunks += markdown_chunks("readme", "README", readme_text() if readme is None else readme, max_words)
-    folder = datasets.data_root() if data_folder is None else data_folder
-    for path in sorted(folder.glob("*/README.md")) + [folder / "README.md"]:
-        if path.is_file():
-            name = "data" if path.parent == folder else f"data/{path.parent.name}"
-            chunks += markdown_chunks(name, name, path.read_text(encoding="utf-8"), max_words)
-    return chunks
-
-
-def readme_text() -> str:
-    """README.md of the checkout, or the one inside an installed wheel's metadata."""
-    import importlib.metadata
-
-    checkout = Path(__file__).resolve().parent.parent / "README.md"
-    if checkout.is_file():
-        return checkout.read_text(encoding="utf-8")
-    try:
-        return importlib.metadata.metadata("dlnotes").get_payload() or ""
-    except importlib.metadata.PackageNotFoundError:
-        return ""
-
-
-def corpus_version(chunks: list[Chunk]) -> str:
-    """A hash of every chunk id and text: any edit to the lessons gives a new version."""
-    return hashlib.sha256(json.dumps([[c.id, c.text] for c in chunks]).encode()).hexdigest()[:16]
 
 
 # --- BM25, written out ------------------------------------------------------------------------------------------
@@ -303,38 +162,6 @@ def embed(model, texts: list[str]):
     """(N, D) unit vectors: mean-pooled token vectors, L2-normalized, so a dot product is the cosine."""
     return model.encode(texts, batch_size=32, convert_to_tensor=True, normalize_embeddings=True,
                         show_progress_bar=False).float().cpu()
-
-
-def load_index(path: Path, version: str, encoder_name: str, refuse: bool):
-    """The (N, D) chunk embeddings saved at `path`, if they belong to this corpus version and encoder. Another
-    version: refused (refuse=True, an index the user named) or None (a cache: the caller rebuilds it)."""
-    import torch
-
-    if not path.is_file():
-        if refuse:
-            raise UserError(f"--index {path} does not exist (give a rag run directory or its index.pt).")
-        return None
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        have = (saved["corpus_version"], saved["encoder"])
-        embeddings = saved["embeddings"]
-    except Exception as err:  # a truncated file, another format, pickled code (weights_only refuses it)
-        if refuse:
-            raise UserError(f"{path} is not a rag index ({type(err).__name__}).") from None
-        return None
-    if have != (version, encoder_name):
-        if refuse:
-            raise UserError(f"{path} indexes corpus version {have[0]} ({have[1]}), but the lessons are now "
-                            f"{version} ({encoder_name}): rebuild it with `dlnotes run rag`, or leave out --index.")
-        return None
-    return embeddings
-
-
-def save_index(path: Path, embeddings, version: str, encoder_name: str, ids: list[str]) -> None:
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"corpus_version": version, "encoder": encoder_name, "ids": ids, "embeddings": embeddings}, path)
 
 
 # --- retrieval and its evaluation -------------------------------------------------------------------------------
@@ -449,16 +276,6 @@ def chat_client(cfg: Config):
     except (openai.APIConnectionError, openai.APIStatusError, IndexError) as err:
         raise UserError(f"The chat server at {cfg.base_url or 'the embedded server'} failed: "
                         f"{str(err).splitlines()[0] if str(err) else 'it serves no model'}") from None
-
-
-def recipes_of(chunks: list[Chunk]) -> list[str]:
-    """The recipes a list of chunks comes from or names."""
-    from dlnotes import catalog
-
-    ids = set(catalog.all_recipes())
-    found = {c.id.split("#")[0].removeprefix("recipe/") for c in chunks if c.id.startswith("recipe/")}
-    found |= {w for c in chunks for w in re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", c.text) if w in ids}
-    return sorted(found)
 
 
 # --- the run ----------------------------------------------------------------------------------------------------

