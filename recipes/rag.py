@@ -118,6 +118,8 @@ def words_and_bigrams(text: str) -> list[str]:
 
 
 class BM25:
+    """The score in the notes above, of every chunk for one query; the counts are taken once, at the start."""
+
     def __init__(self, texts: list[str], tokenize, k1: float, b: float) -> None:
         self.tokenize, self.k1, self.b = tokenize, k1, b
         self.counts = [Counter(tokenize(t)) for t in texts]  # f(t, d)
@@ -211,8 +213,9 @@ def load_questions(chunks: list[Chunk], limit: int = 0) -> list[dict]:
     path = data_root() / "rag-questions" / "questions.jsonl"
     try:
         questions = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        assert all(q["question"] and q["gold"] and q["lang"] for q in questions)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as err:
+        if not all(q["question"] and q["gold"] and q["lang"] in ("en", "zh") for q in questions):
+            raise ValueError("every line needs a question, gold ids and lang en or zh")
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise DataError(f"Cannot read {path}: {type(err).__name__} {err}") from None
     known = {c.id for c in chunks}
     for q in questions:
@@ -231,7 +234,7 @@ SYSTEM = ("You answer questions about dlnotes, a deep-learning cookbook, using o
 
 
 def prompt(question: str, chunks: list[Chunk]) -> list[dict]:
-    """The chunks with their ids, then the instruction and the question last, where a small model attends most."""
+    """The chunks with their ids first; the instruction and the question last, right before the answer starts."""
     context = "\n\n".join(f"[{c.id}]\n{c.text}" for c in chunks)
     return [{"role": "system", "content": SYSTEM},
             {"role": "user", "content": f"Context:\n\n{context}\n\nAnswer from the context above in one to three "

@@ -194,10 +194,14 @@ def load_index(path: Path, version: str, encoder_name: str, refuse: bool):
 
 
 def save_index(path: Path, embeddings, version: str, encoder_name: str, ids: list[str]) -> None:
+    """Written whole or not at all (two `dlnotes ask` at once may both rebuild the cache)."""
     import torch
 
+    from dlnotes.durable import write_durably
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"corpus_version": version, "encoder": encoder_name, "ids": ids, "embeddings": embeddings}, path)
+    saved = {"corpus_version": version, "encoder": encoder_name, "ids": ids, "embeddings": embeddings}
+    write_durably(path, lambda file: torch.save(saved, file))
 
 
 def recipes_of(chunks: list[Chunk]) -> list[str]:
