@@ -211,3 +211,17 @@ def test_a_broken_index_file_is_one_line(invoke, tmp_path: Path) -> None:
     assert_one_line_error(invoke("ask", "what?", "--index", tmp_path / "gone.pt", "--no-generate", "--tiny"),
                           "does not exist")
     assert_one_line_error(invoke("ask", "what?", "--k", "0", "--no-generate", "--tiny"), "--k")
+
+
+def test_ask_help_and_an_empty_question_do_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from dlnotes.cli import main\n"
+            "for argv in (['ask', '--help'], ['ask', '']):\n"
+            "    sys.argv = ['dlnotes', *argv]\n"
+            "    try:\n        main()\n    except SystemExit:\n        pass\n"
+            "assert 'torch' not in sys.modules, 'ask imported torch'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--no-generate" in result.stdout and "error: Give a question" in result.stderr
