@@ -1,4 +1,4 @@
-"""The `dlnotes` command: list, show, run, smoke, bench, cp, predict, runs, serve.
+"""The `dlnotes` command: list, show, run, smoke, bench, cp, predict, runs, serve, ask.
 
 Only the commands that train or predict import torch (through the recipe); `list`, `show` and every
 `--help` read the catalog's metadata and stay fast.
@@ -303,6 +303,29 @@ def serve(
                     allow_hosts=tuple(allow_host), allow_origins=tuple(allow_origin))
     run_server(model=model, host=host, port=port, api_key=api_key, device=device, api_key_file=api_key_file,
                limits=limits)
+
+
+@app.command()
+@user_errors
+def ask(
+    question: str = typer.Argument("", help='A question about the cookbook, e.g. "how do I resume a run?"'),
+    k: int = typer.Option(3, "--k", help="Chunks retrieved into the prompt."),
+    generate: bool = typer.Option(True, "--generate/--no-generate",
+                                  help="Answer with the chat model, or only retrieve."),
+    index: str = typer.Option("", "--index", help="A rag run directory (or its index.pt); default: a cached index, "
+                                                  "rebuilt when the lessons change."),
+    model: str = typer.Option("", "--model", help="Chat model folder or .gguf; empty = SmolLM2-135M-Instruct."),
+    base_url: str = typer.Option("", "--base-url", help="An OpenAI-compatible server instead of the embedded one."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | mps"),
+    max_tokens: int = typer.Option(120, "--max-tokens", help="Longest answer, in tokens."),
+    tiny: bool = typer.Option(False, "--tiny", hidden=True, help="Tiny random encoder and chat model (tests)."),
+) -> None:
+    """Answer from the cookbook's own lessons (the rag recipe): retrieve chunks, answer citing them, name recipes."""
+    if not question.strip():  # before torch is imported
+        raise UserError('Give a question, e.g.: dlnotes ask "how do I resume a run?"')
+    rag = catalog.load_module(catalog.get("rag"))
+    rag.ask(question, index=index, k=k, generate=generate, model=model, base_url=base_url, device=device,
+            max_tokens=max_tokens, tiny=tiny)
 
 
 def main() -> None:
