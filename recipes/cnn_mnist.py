@@ -20,7 +20,8 @@ batches of 64 from a DataLoader) in the same `dlnotes bench` run:
   (normalise, clamp, and their backward passes) runs on a quarter of the pixels. On a CPU those
   memory-bound steps, not the multiplies, took most of a step of this small network.
 - Batch norm lets the learning rate start high: a one-cycle schedule with a short warm-up reaches the
-  target in a few epochs, where the notes' fixed Adam rate needs several times more.
+  target in a few epochs, where the notes' fixed Adam rate needs several times more. Label smoothing
+  (targets of 0.9 instead of 1) made the early epochs surer still.
 - Batches of 128 cut from tensors already in memory: no per-sample Dataset, no collate, no workers, and
   half the Python steps of 64. Every batch is randomly shifted, rotated and scaled a little (one batched
   `affine_grid` warp, far cheaper than per-image transforms): 8,500 digits overfit otherwise.
@@ -71,11 +72,12 @@ DISTRIBUTED = True  # dlnotes run cnn-mnist --nproc N
 
 @dataclass
 class Config:
-    epochs: int = 4  # the one-cycle schedule ends here, past the target on 8,500 digits; more epochs add a little
+    epochs: int = 5  # the target comes in epoch 3 or 4; the fifth makes it hold on every seed, not just most
     batch_size: int = 128  # 64 learned a little more per epoch but cost more per digit than it saved
-    lr: float = 5e-3  # one-cycle peak for AdamW: batch norm takes a high rate
+    lr: float = 1e-2  # one-cycle peak for AdamW: batch norm takes a high rate, and it learned faster than 5e-3
     warmup: float = 0.15  # share of the steps spent rising to the peak rate; the usual 0.3 wastes the first epoch
     weight_decay: float = 1e-4
+    label_smoothing: float = 0.1  # 10 % of each target spread over the other classes: a surer start, fewer epochs
     augment: bool = True  # random shift (1 px), rotation (5 degrees) and scale (5 %) of each training batch
     dataset: str = "mnist"  # mnist | fashion-mnist
     data_dir: str = ""  # a folder with the four IDX files (full MNIST or Fashion-MNIST)
@@ -171,7 +173,7 @@ def main(cfg: Config) -> dict[str, float]:
                 images = random_affine(images, generator, degrees=5, scale=0.05, shift_px=1)
             images = images.contiguous(memory_format=memory_format)
             with autocast(device, precision):  # bf16/fp16 matrix multiplies; the loss itself is fp32
-                loss = F.cross_entropy(train_model(images), labels)
+                loss = F.cross_entropy(train_model(images), labels, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # with DDP, backward also averages the gradients of all processes
             scaler.step(optimizer)

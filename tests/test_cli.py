@@ -60,7 +60,7 @@ def test_list_as_a_real_subprocess_does_not_import_torch() -> None:
 def test_show_prints_notes_and_source(invoke) -> None:
     result = invoke("show", "cnn-mnist")
     assert result.exit_code == 0
-    assert "(B, 64, 7, 7)" in result.output and "class SimpleCNN" in result.output
+    assert "(B, 32, 7, 7)" in result.output and "class SimpleCNN" in result.output
     assert "class SimpleCNN" not in invoke("show", "cnn-mnist", "--no-code").output
 
 
