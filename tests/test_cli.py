@@ -69,7 +69,7 @@ def test_run_help_lists_config_flags_with_defaults(invoke) -> None:
     assert result.exit_code == 0
     for flag in ("--epochs", "--batch-size", "--lr", "--device", "--seed", "--out", "--smoke", "--data-dir"):
         assert flag in result.output
-    assert "[default: 8]" in result.output
+    assert "[default: 5]" in result.output
 
 
 def test_recipes_that_train_nothing_offer_no_resume_flags(invoke) -> None:
