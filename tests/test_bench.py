@@ -204,3 +204,19 @@ def test_the_readme_section_is_regenerated_from_a_bench_folder(tmp_path: Path) -
     assert "| cnn-mnist |" in new and "old table" not in new
     with pytest.raises(ValueError, match="exactly one"):
         script.replace_section("no markers", "x")
+
+
+def test_recipe_and_baseline_runs_alternate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run k of the recipe, then run k of each baseline: under a changing load each pair shares the conditions."""
+    order: list[tuple[str, int]] = []
+
+    def worker(info: catalog.RecipeInfo, device: str, folder: Path, attempt: int, baseline: str = "",
+               stem: str = "") -> dict:
+        order.append((baseline or info.id, attempt))
+        return fake_worker(info, device, folder, attempt, baseline, stem)
+
+    monkeypatch.setattr(bench, "run_worker", worker)
+    monkeypatch.setitem(baselines.BASELINES, "mlp", [baselines.Baseline("mlp", f"loop {c}", lambda d: {}) for c in "ab"])
+    _, rows = bench.run_bench([catalog.get("mlp")], 2, "cpu", tmp_path, report=lambda line: None)
+    assert order == [("mlp", 1), ("loop a", 1), ("loop b", 1), ("mlp", 2), ("loop a", 2), ("loop b", 2)]
+    assert rows[0]["runs"] == 2

@@ -60,9 +60,18 @@ def run_bench(infos: list[catalog.RecipeInfo], repeat: int, device: str, out: Pa
     folder = new_run_dir(out, "bench")
     rows, baseline_rows = [], []
     for info in infos:
-        rows.append(summarize(info, run_attempts(info, "", repeat, device, folder, report)))
-        for number, base in enumerate(baselines.for_recipe(info.id), 1):
-            attempts = run_attempts(info, base.name, repeat, device, folder, report, f"{info.id}-baseline{number}")
+        bases = baselines.for_recipe(info.id)
+        # The recipe's k-th run and its baselines' k-th runs go back to back: each pair shares the machine's
+        # conditions (another job starting, a warm cache), so the medians compare like with like.
+        recipe_attempts: list[dict[str, Any]] = []
+        base_attempts: list[list[dict[str, Any]]] = [[] for _ in bases]
+        for attempt in range(1, repeat + 1):
+            recipe_attempts += run_attempts(info, "", repeat, device, folder, report, numbers=(attempt,))
+            for number, base in enumerate(bases, 1):
+                base_attempts[number - 1] += run_attempts(info, base.name, repeat, device, folder, report,
+                                                          f"{info.id}-baseline{number}", numbers=(attempt,))
+        rows.append(summarize(info, recipe_attempts))
+        for base, attempts in zip(bases, base_attempts):
             baseline_rows.append(compare(rows[-1], summarize(info, attempts, baseline=base.name)))
     machine = describe_machine(device)
     (folder / "bench.json").write_text(json.dumps({"machine": machine, "repeat": repeat, "recipes": rows,
@@ -72,11 +81,11 @@ def run_bench(infos: list[catalog.RecipeInfo], repeat: int, device: str, out: Pa
 
 
 def run_attempts(info: catalog.RecipeInfo, baseline: str, repeat: int, device: str, folder: Path, report: Any,
-                 stem: str = "") -> list[dict[str, Any]]:
-    """`repeat` worker runs of the recipe, or of its baseline named `baseline`."""
+                 stem: str = "", numbers: tuple[int, ...] = ()) -> list[dict[str, Any]]:
+    """Worker runs `numbers` (default: all `repeat`) of the recipe, or of its baseline named `baseline`."""
     label = f"{info.id} baseline '{baseline}'" if baseline else info.id
     attempts = []
-    for attempt in range(1, repeat + 1):
+    for attempt in numbers or range(1, repeat + 1):
         report(f"{label}: run {attempt}/{repeat} ...")
         result = run_worker(info, device, folder, attempt, baseline, stem)
         attempts.append(result)
