@@ -216,7 +216,8 @@ def test_recipe_and_baseline_runs_alternate(tmp_path: Path, monkeypatch: pytest.
         return fake_worker(info, device, folder, attempt, baseline, stem)
 
     monkeypatch.setattr(bench, "run_worker", worker)
-    monkeypatch.setitem(baselines.BASELINES, "mlp", [baselines.Baseline("mlp", f"loop {c}", lambda d: {}) for c in "ab"])
+    fakes = [baselines.Baseline("mlp", f"loop {c}", lambda device: {}) for c in "ab"]
+    monkeypatch.setitem(baselines.BASELINES, "mlp", fakes)
     _, rows = bench.run_bench([catalog.get("mlp")], 2, "cpu", tmp_path, report=lambda line: None)
     assert order == [("mlp", 1), ("loop a", 1), ("loop b", 1), ("mlp", 2), ("loop a", 2), ("loop b", 2)]
     assert rows[0]["runs"] == 2
