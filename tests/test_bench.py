@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -9,9 +10,11 @@ from pathlib import Path
 import pytest
 from conftest import assert_one_line_error
 
-from dlnotes import baselines, bench, catalog
+from dlnotes import baselines, bench, catalog, speedups
 from dlnotes.bench import markdown_table, summarize, time_to_target
 from dlnotes.catalog import Target
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bench_runs_mlp_by_default_settings_and_writes_json_and_a_table(tmp_path: Path, invoke) -> None:
@@ -144,3 +147,77 @@ def test_the_worker_runs_a_registered_baseline(tmp_path: Path, monkeypatch: pyte
     assert result["throughput"] == 50.0 and result["device_seen"] == "cpu" and result["target_met"] is True
     assert result["wall_s"] >= 0 and result["peak_rss_mib"] > 0
     assert not (tmp_path / "runs").exists()  # a baseline is not a recipe run: no run directory
+
+
+def test_a_baseline_that_never_met_the_target_bounds_the_ratio() -> None:
+    info = catalog.get("dqn")
+    recipe = bench.summarize(info, [{"metric": 500.0, "target_met": True, "wall_s": 40.0, "time_to_target_s": 20.0,
+                                     "throughput": 900.0, "throughput_unit": "env steps/s", "run_dir": "x"}])
+    base = bench.compare(recipe, bench.summarize(info, [
+        {"metric": 180.0, "target_met": False, "time_to_target_s": None, "clock_s": 150.0, "wall_s": 155.0,
+         "throughput": 600.0, "throughput_unit": "env steps/s"}], baseline="notes' DQN"))
+    assert base["met"] == 0 and base["time_to_target_ratio"] is None and base["time_to_target_ratio_at_least"] == 7.5
+    assert bench.times_baseline(base) == ("recipe 1.5× the throughput, over 7.5× sooner to target "
+                                          "(baseline never met it)")
+    met = bench.compare(recipe, bench.summarize(info, [
+        {"metric": 480.0, "target_met": True, "time_to_target_s": 60.0, "clock_s": 60.0, "wall_s": 65.0,
+         "throughput": 600.0, "throughput_unit": "env steps/s"}], baseline="notes' DQN"))
+    assert met["time_to_target_ratio"] == 3.0 and met["time_to_target_ratio_at_least"] is None
+
+
+def test_every_speed_claim_has_its_baseline_registered() -> None:
+    assert [b.name for b in baselines.for_recipe("cnn-mnist")] == ["notes' loop"]
+    assert [b.name for b in baselines.for_recipe("dqn")] == ["notes' DQN"]
+    assert [b.name for b in baselines.for_recipe("seq2seq")][:1] == ["notes' per-token loop"]
+
+
+def test_the_notes_dqn_runs_and_reports_what_bench_reads() -> None:
+    result = baselines.dqn_notes_loop("cpu", total_steps=1_100)  # 100 gradient steps after the warm-up
+    assert result["throughput"] > 0 and result["throughput_unit"] == "env steps/s"
+    assert result["time_to_target_s"] is None and result["metric"] < 475  # 1,100 steps cannot solve CartPole
+    assert result["env_steps"] == 1_100 and result["clock_s"] > 0
+
+
+def test_the_machine_line_says_what_the_cpu_offers() -> None:
+    machine = bench.describe_machine("cpu")
+    features = machine["cpu_features"]
+    assert features["torch_kernels"] in ("AVX2", "AVX512", "DEFAULT", "NO AVX", "ZVECTOR", "VSX", "SVE256")
+    assert set(features["flags"]) <= set(speedups.VECTOR_FLAGS)
+    line = markdown_table([], machine, 3).splitlines()[0]
+    assert f"torch kernels {features['torch_kernels']}" in line and "bf16" in line
+
+
+def test_the_readme_section_is_regenerated_from_a_bench_folder(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("readme_bench", REPO / "scripts" / "readme_bench.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    folder = tmp_path / "20261129-220000"
+    folder.mkdir()
+    (folder / "bench.json").write_text(json.dumps({"machine": {"device": "cpu"}, "repeat": 3, "recipes": [
+        {"recipe": "cnn-mnist"}, {"recipe": "dqn"}]}))
+    (folder / "bench.md").write_text("Machine: X.\n\n| recipe |\n|---|\n| cnn-mnist |\n")
+    readme = "# Title\n\nprose before\n<!-- bench:begin -->\nold table\n<!-- bench:end -->\nprose after\n"
+    new = script.replace_section(readme, script.section(folder, "quiet"))
+    assert new.startswith("# Title\n\nprose before\n<!-- bench:begin -->\n")
+    assert new.endswith("<!-- bench:end -->\nprose after\n")
+    assert "`dlnotes bench cnn-mnist dqn --repeat 3 --device cpu`, 2026-11-29 (quiet):" in new
+    assert "| cnn-mnist |" in new and "old table" not in new
+    with pytest.raises(ValueError, match="exactly one"):
+        script.replace_section("no markers", "x")
+
+
+def test_recipe_and_baseline_runs_alternate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run k of the recipe, then run k of each baseline: under a changing load each pair shares the conditions."""
+    order: list[tuple[str, int]] = []
+
+    def worker(info: catalog.RecipeInfo, device: str, folder: Path, attempt: int, baseline: str = "",
+               stem: str = "") -> dict:
+        order.append((baseline or info.id, attempt))
+        return fake_worker(info, device, folder, attempt, baseline, stem)
+
+    monkeypatch.setattr(bench, "run_worker", worker)
+    fakes = [baselines.Baseline("mlp", f"loop {c}", lambda device: {}) for c in "ab"]
+    monkeypatch.setitem(baselines.BASELINES, "mlp", fakes)
+    _, rows = bench.run_bench([catalog.get("mlp")], 2, "cpu", tmp_path, report=lambda line: None)
+    assert order == [("mlp", 1), ("loop a", 1), ("loop b", 1), ("mlp", 2), ("loop a", 2), ("loop b", 2)]
+    assert rows[0]["runs"] == 2

@@ -60,7 +60,7 @@ def test_list_as_a_real_subprocess_does_not_import_torch() -> None:
 def test_show_prints_notes_and_source(invoke) -> None:
     result = invoke("show", "cnn-mnist")
     assert result.exit_code == 0
-    assert "(B, 64, 7, 7)" in result.output and "class SimpleCNN" in result.output
+    assert "(B, 32, 7, 7)" in result.output and "class SimpleCNN" in result.output
     assert "class SimpleCNN" not in invoke("show", "cnn-mnist", "--no-code").output
 
 
@@ -69,7 +69,7 @@ def test_run_help_lists_config_flags_with_defaults(invoke) -> None:
     assert result.exit_code == 0
     for flag in ("--epochs", "--batch-size", "--lr", "--device", "--seed", "--out", "--smoke", "--data-dir"):
         assert flag in result.output
-    assert "[default: 8]" in result.output
+    assert "[default: 5]" in result.output
 
 
 def test_recipes_that_train_nothing_offer_no_resume_flags(invoke) -> None:

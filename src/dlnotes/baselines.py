@@ -8,6 +8,8 @@ A baseline is registered for a recipe id with `@baseline(recipe_id, name)`. It i
 
     throughput, throughput_unit    required: the same unit as the recipe's, so the two divide
     metric, time_to_target_s       optional: the recipe's TARGET metric and when the baseline met it
+    clock_s                        optional: the seconds its clock ran (start as the recipe's run clock does);
+                                   with a target never met, the recipe's time to target divides it as a bound
 
 `bench` runs each baseline in its own worker process, like a recipe, and adds the ratios to its row. The
 lesson stays in the recipe file; the slow way it improves on lives here.
@@ -92,3 +94,142 @@ def seq2seq_per_token_loop(device: str, sentences: int = 64) -> dict[str, Any]:
         torch.cuda.synchronize()  # the GPU may still be working on the last steps
     return {"throughput": tokens / (time.perf_counter() - start), "throughput_unit": "tokens/s",
             "sentences": len(chosen), "tokens": tokens}
+
+
+# --- cnn-mnist --------------------------------------------------------------------------------------------
+
+
+@baseline("cnn-mnist", "notes' loop")
+def cnn_notes_loop(device: str, max_epochs: int = 15, seed: int = 0) -> dict[str, Any]:
+    """The notes' CNN loop as they wrote it: two 16/32-channel conv blocks and a 128-unit head, Adam(1e-3),
+    a DataLoader over a TensorDataset with batches of 64, fp32, no augmentation, the held-out split evaluated
+    after each epoch. Stops at the first epoch that meets cnn-mnist's TARGET, or after `max_epochs`. The clock
+    starts where the recipe's does: data in memory and standardised, before the model is built."""
+    import torch
+    import torch.nn as nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dlnotes.datasets import load_image_dataset
+    from dlnotes.device import pick_device
+    from dlnotes.transforms import standardize
+
+    target = catalog.get("cnn-mnist").target
+    where = pick_device(device)
+    torch.manual_seed(seed)
+    data = load_image_dataset("mnist")
+    train_x, train_y = standardize(torch.from_numpy(data.train_images)), torch.from_numpy(data.train_labels).long()
+    test_x, test_y = standardize(torch.from_numpy(data.test_images)), torch.from_numpy(data.test_labels).long()
+
+    start = time.perf_counter()
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 16, 14, 14)
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 32, 7, 7)
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10),
+    ).to(where)
+    loader = DataLoader(TensorDataset(train_x, train_y), batch_size=64, shuffle=True)
+    test_loader = DataLoader(TensorDataset(test_x, test_y), batch_size=1000)
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    train_s, accuracy, time_to_target, epochs = 0.0, 0.0, None, 0
+    while epochs < max_epochs:
+        epochs += 1
+        model.train()
+        epoch_start = time.perf_counter()
+        for images, labels in loader:
+            images, labels = images.to(where), labels.to(where)
+            optimizer.zero_grad()
+            loss = criterion(model(images), labels)
+            loss.backward()
+            optimizer.step()
+        train_s += time.perf_counter() - epoch_start
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for images, labels in test_loader:
+                correct += (model(images.to(where)).argmax(1) == labels.to(where)).sum().item()
+        accuracy = correct / len(test_y)
+        if target.met(accuracy):
+            time_to_target = time.perf_counter() - start
+            break
+    return {"metric": accuracy, "time_to_target_s": time_to_target, "clock_s": time.perf_counter() - start,
+            "epochs": epochs,
+            "throughput": epochs * len(train_y) / train_s, "throughput_unit": "samples/s"}
+
+
+# --- dqn --------------------------------------------------------------------------------------------------
+
+
+@baseline("dqn", "notes' DQN")
+def dqn_notes_loop(device: str, total_steps: int = 100_000, seed: int = 0) -> dict[str, Any]:
+    """The notes' DQN on CartPole-v1 as the recipe's docs describe what it improves on: a 64-wide Q-network,
+    Adam(5e-4), a deque of transition tuples sampled with `random.sample` and stacked with numpy at every step,
+    one gradient step of 64 per environment step, MSE on the plain max target with `done = terminated or
+    truncated`, a hard target copy every 500 steps, no clipping. Exploration (ε 1 -> 0.05 over 10,000 steps) and
+    judging (10 greedy episodes every 2,500 steps; 100 decide once 10 reach 475) are the recipe's own, so the
+    two stop on the same rule. Returns env steps/s and, when solved, the seconds it took."""
+    import collections
+    import copy
+    import random
+
+    import numpy as np
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from dlnotes.device import pick_device
+    from dlnotes.rl import make_env
+
+    info = catalog.get("dqn")
+    recipe = catalog.load_module(info)
+    cfg = recipe.Config(**catalog.config_values(info, device=device, seed=seed))
+    where = pick_device(device)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    env = make_env(cfg.env)
+    threshold = env.spec.reward_threshold
+
+    start = time.perf_counter()
+    q = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)).to(where)
+    q_target = copy.deepcopy(q)
+    optimizer = torch.optim.Adam(q.parameters(), lr=5e-4)
+    memory: collections.deque = collections.deque(maxlen=cfg.buffer_size)
+    obs, _ = env.reset(seed=seed)
+    returns, time_to_target, step = np.zeros(1), None, 0
+    for step in range(1, total_steps + 1):
+        eps = recipe.epsilon(step, cfg)
+        if random.random() < eps:
+            action = env.action_space.sample()
+        else:
+            with torch.no_grad():
+                action = int(q(torch.tensor(obs, dtype=torch.float32, device=where)).argmax())
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        done = terminated or truncated
+        memory.append((obs, action, reward, next_obs, done))
+        obs = env.reset()[0] if done else next_obs
+        if len(memory) >= cfg.learning_starts:
+            batch = random.sample(memory, 64)
+            states, actions, rewards, next_states, dones = (torch.tensor(np.array(x), dtype=torch.float32, device=where)
+                                                            for x in zip(*batch))
+            q_taken = q(states).gather(1, actions.long().unsqueeze(1)).squeeze(1)
+            with torch.no_grad():
+                target = rewards + cfg.gamma * q_target(next_states).max(1).values * (1 - dones)
+            loss = F.mse_loss(q_taken, target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        if step % 500 == 0:
+            q_target.load_state_dict(q.state_dict())
+        if step % cfg.eval_every == 0:
+            returns = recipe.evaluate(q, cfg.env, cfg.eval_episodes, where)
+            if returns.mean() >= threshold:
+                returns = recipe.evaluate(q, cfg.env, cfg.solve_episodes, where)
+                if returns.mean() >= threshold:
+                    time_to_target = time.perf_counter() - start
+                    break
+    env.close()
+    if time_to_target is None:  # the final policy's deciding evaluation, as in the recipe
+        returns = recipe.evaluate(q, cfg.env, cfg.solve_episodes, where)
+    return {"metric": float(returns.mean()), "time_to_target_s": time_to_target, "clock_s": time.perf_counter() - start,
+            "env_steps": step,
+            "throughput": step / (time.perf_counter() - start), "throughput_unit": "env steps/s"}

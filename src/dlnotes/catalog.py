@@ -29,6 +29,7 @@ import io
 import os
 import sys
 import tokenize
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -160,9 +161,10 @@ def read_recipe(path: Path) -> RecipeInfo:
     read this way is a UserError naming file:line and what is wrong."""
     tree, source = _parse(path)
     constants = _module_constants(tree, path)
-    comments = _line_comments(source)
+    nodes = _config_nodes(tree)
+    comments = _line_comments(source, nodes.values())
     fields = []
-    for name, node in _config_nodes(tree).items():
+    for name, node in nodes.items():
         if node.value is None:
             continue  # no default: not a flag (and Config() says so if it is needed)
         try:
@@ -183,8 +185,8 @@ def read_module(module: ModuleType, config_class: type) -> RecipeInfo:
     their help text is still each field's line comment in the file."""
     path = Path(module.__file__ or sys.argv[0])
     tree, source = _parse(path)
-    comments = _line_comments(source)
     nodes = _config_nodes(tree, config_class.__name__)
+    comments = _line_comments(source, nodes.values())
     fields = []
     for spec in dataclasses.fields(config_class):
         if not spec.init or spec.default is dataclasses.MISSING:
@@ -277,9 +279,23 @@ def _also_targets(path: Path, value: Any) -> tuple[Target, ...]:
     return tuple(_target(path, item) for item in value)
 
 
-def _line_comments(source: str) -> dict[int, str]:
-    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
-    return {tok.start[0]: tok.string.lstrip("#").strip() for tok in tokens if tok.type == tokenize.COMMENT}
+def _line_comments(source: str, nodes: Iterable[ast.stmt]) -> dict[int, str]:
+    """The comment on each statement's lines, by line number. Only these statements' lines are tokenized (all
+    of a file took most of `dlnotes list`'s time), and a one-line statement's comment is simply what follows
+    its code."""
+    lines = source.splitlines()
+    comments = {}
+    for node in nodes:
+        if node.end_lineno == node.lineno:  # the column is in UTF-8 bytes
+            rest = lines[node.lineno - 1].encode()[node.end_col_offset :].decode().strip()
+            if rest.startswith("#"):
+                comments[node.lineno] = rest.lstrip("#").strip()
+            continue
+        text = "\n".join(lines[node.lineno - 1 : node.end_lineno]).lstrip() + "\n"
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[node.lineno + tok.start[0] - 1] = tok.string.lstrip("#").strip()
+    return comments
 
 
 def _config_nodes(tree: ast.Module, class_name: str = "Config") -> dict[str, ast.AnnAssign]:

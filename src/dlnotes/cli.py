@@ -11,6 +11,7 @@ import inspect
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,7 +24,6 @@ from rich.table import Table
 
 from dlnotes import catalog
 from dlnotes.errors import UserError
-from dlnotes.flags import parse_predict_args
 from dlnotes.launch import build_config, execute, print_error, quiet_idle_threads
 
 app = typer.Typer(
@@ -224,6 +224,8 @@ def predict(
 
     INPUTs are what the recipe takes (image files, texts, ...); options after them come from the
     keyword arguments of the recipe's `predict` function (e.g. `--episodes 10` for dqn)."""
+    from dlnotes.flags import parse_predict_args  # click: not imported for `dlnotes list`
+
     info = catalog.get(recipe)
     if not info.can_predict:
         raise UserError(f"Recipe '{info.id}' trains no model to predict with.")
@@ -330,4 +332,29 @@ def ask(
 
 def main() -> None:
     quiet_idle_threads()
+    options = plain_list_options(sys.argv[1:])
+    if options is not None:
+        list_recipes(**options)
+        return
     app()
+
+
+def plain_list_options(args: list[str]) -> dict[str, Any] | None:
+    """`dlnotes list [--tag TAG] [--json]` as keyword arguments of `list_recipes`; None for any other command
+    line, which goes to Typer. The listing is the command people type first and often: building Typer's command
+    tree (a pydantic adapter for every option of every command) took most of its start-up, so it skips it."""
+    if args[:1] != ["list"]:
+        return None
+    options: dict[str, Any] = {"tag": None, "as_json": False}
+    rest = args[1:]
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--json" and not options["as_json"]:
+            options["as_json"] = True
+        elif arg == "--tag" and options["tag"] is None and rest and not rest[0].startswith("-"):
+            options["tag"] = rest.pop(0)
+        elif arg.startswith("--tag=") and options["tag"] is None and len(arg) > len("--tag="):
+            options["tag"] = arg.removeprefix("--tag=")
+        else:
+            return None  # --help, a typo, a repeated option: Typer's own parsing and messages
+    return options

@@ -15,7 +15,6 @@ from typing import Any
 from dlnotes import distributed
 from dlnotes.catalog import RecipeInfo, load_module, read_module
 from dlnotes.errors import TrainingInterrupted, UserError
-from dlnotes.flags import parse_args
 from dlnotes.options import RESUMABLE_CHANGES, RunOptions, using
 from dlnotes.runfiles import read_run_config
 
@@ -53,6 +52,8 @@ def resume_values(info: RecipeInfo, given: dict[str, Any], options: RunOptions) 
 
 def execute(info: RecipeInfo, args: list[str], prog: str, module: ModuleType | None = None) -> int:
     """Parse flags, build the Config, call the recipe's main. User errors become one line and exit code 2."""
+    from dlnotes.flags import parse_args  # here, not at the top: click is not needed for `dlnotes list`
+
     try:
         parsed = parse_args(info, args, prog)
         if parsed is None:

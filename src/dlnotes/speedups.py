@@ -48,6 +48,29 @@ def resolve_precision(name: str, device: Any, bf16_on_cpu: bool = False) -> str:
     return name
 
 
+VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")  # what decides kernels and precision
+
+
+def cpu_features() -> dict[str, Any]:
+    """What this CPU offers the kernels: its vector-instruction flags of VECTOR_FLAGS (Linux, /proc/cpuinfo), the
+    instruction set torch's own kernels use here (`AVX2`, `AVX512`; ATEN_CPU_CAPABILITY can lower it) and whether
+    oneDNN computes bf16 natively (ONEDNN_MAX_CPU_ISA=AVX2 turns that off, which emulates an AVX2-only CPU's
+    choices on a newer one). Bench tables carry it: the same recipe picks other paths on other CPUs."""
+    import platform
+    from pathlib import Path
+
+    import torch
+
+    flags: set[str] = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        line = next((ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("flags")), "")
+        flags = set(line.partition(":")[2].split())
+    return {"flags": [f for f in VECTOR_FLAGS if f in flags], "torch_kernels": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": cpu_has_bf16() if torch.backends.mkldnn.is_available() else False,
+            "arch": platform.machine()}
+
+
 def cpu_has_bf16() -> bool:
     """The CPU computes in bf16 natively (avx512_bf16 or AMX), not by emulating it in fp32."""
     import torch

@@ -1,0 +1,65 @@
+"""`dlnotes list` starts fast: its plain forms skip Typer's command tree, and the catalog tokenizes only the
+Config lines. Both must give exactly what the slow, general paths give."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tokenize
+from pathlib import Path
+
+import pytest
+
+from dlnotes import catalog, cli
+
+
+@pytest.mark.parametrize("args, options", [
+    (["list"], {"tag": None, "as_json": False}),
+    (["list", "--json"], {"tag": None, "as_json": True}),
+    (["list", "--tag", "cnn", "--json"], {"tag": "cnn", "as_json": True}),
+    (["list", "--tag=vision"], {"tag": "vision", "as_json": False}),
+])
+def test_plain_list_command_lines_take_the_short_way(args: list[str], options: dict) -> None:
+    assert cli.plain_list_options(args) == options
+
+
+@pytest.mark.parametrize("args", [
+    [], ["run", "mlp"], ["show", "list"], ["list", "--help"], ["list", "--tag"], ["list", "--tag", "--json"],
+    ["list", "--jsn"], ["list", "--json", "--json"], ["list", "--tag", "a", "--tag", "b"], ["list", "--tag="],
+    ["list", "extra"],
+])
+def test_every_other_command_line_goes_to_typer(args: list[str]) -> None:
+    assert cli.plain_list_options(args) is None
+
+
+@pytest.mark.parametrize("args", [["list", "--json"], ["list", "--tag", "cnn", "--json"], ["list", "--tag", "cnn"]])
+def test_the_short_way_prints_what_typer_prints(args: list[str], invoke, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # the same table width for both
+    monkeypatch.setattr(sys, "argv", ["dlnotes", *args])
+    monkeypatch.setattr(cli, "app", lambda: pytest.fail("the short way called Typer"))
+    cli.main()
+    short = capsys.readouterr().out
+    typer_output = invoke(*args, env={"COLUMNS": "200"}).output
+    assert short == typer_output and "cnn-mnist" in short
+    if "--json" in args:
+        assert json.loads(short)
+
+
+def test_field_help_comes_from_the_config_lines_alone(tmp_path: Path) -> None:
+    """The help text of every shipped recipe's flags is what tokenizing the whole file finds; a default written
+    over several lines and non-ASCII text before the comment are read right too."""
+    for info in catalog.all_recipes().values():
+        source = info.path.read_text(encoding="utf-8")
+        every = {t.start[0]: t.string.lstrip("#").strip()
+                 for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+        nodes = catalog._config_nodes(catalog._parse(info.path)[0])
+        assert catalog._line_comments(source, nodes.values()) == {
+            n.lineno: every[n.lineno] for n in nodes.values() if n.lineno in every}, info.id
+    recipe = tmp_path / "odd.py"
+    recipe.write_text('"""Odd."""\nfrom dataclasses import dataclass\n\n\n@dataclass\nclass Config:\n'
+                      '    name: str = "é ü"  # accents before the comment\n'
+                      '    sizes: str = (  # a default over lines\n        "a"\n    )\n    plain: int = 3\n')
+    fields = {f.name: f.help for f in catalog.read_recipe(recipe).fields}
+    assert fields == {"name": "accents before the comment", "sizes": "a default over lines", "plain": ""}
