@@ -78,9 +78,11 @@ from dlnotes.translation import (
     EOS_ID,
     PAD_ID,
     UNK_ID,
+    bleu_by_group,
     build_vocabs,
     collate,
     encode_pairs,
+    group_metrics,
     length_batches,
     load_pairs,
     source_tokens,
@@ -300,10 +302,12 @@ def main(cfg: Config) -> dict[str, float]:
     greedy_out, beam_out = distributed.on_main(translate_test_set, model, sources, src_vocab, tgt_vocab, cfg,
                                                device)
     greedy_bleu, beam_bleu = corpus_bleu(greedy_out, references), corpus_bleu(beam_out, references)
-    write_samples(run.dir / "samples.md", sources, references, greedy_out, beam_out, cfg.beam)
+    groups = bleu_by_group(sources, references, beam_out, pairs["train"])  # by length and by rare English words
+    write_samples(run.dir / "samples.md", sources, references, greedy_out, beam_out, cfg.beam, groups=groups)
     save_checkpoint(run.dir, run.recipe, model, cfg, src_vocab=src_vocab.tokens, tgt_vocab=tgt_vocab.tokens)
     return run.finish({"test_bleu": beam_bleu, "greedy_bleu": greedy_bleu, "val_loss": val_loss,
-                       "tokens_per_s": run.samples_per_s})  # target tokens per second of the last epoch
+                       "tokens_per_s": run.samples_per_s,  # target tokens per second of the last epoch
+                       **group_metrics(groups)})  # beam BLEU by slice: bleu_words_1_5 ... bleu_rare, bleu_common
 
 
 def validate(model: TransformerMT, pairs: list, src_vocab: Vocab, tgt_vocab: Vocab, cfg: Config,
