@@ -14,7 +14,8 @@ recipe's `main` in-process, then reads the run directory it wrote:
                      data pipeline, augmentation and bookkeeping cost
     baselines        a recipe's baselines (`dlnotes.baselines`: the notes' own code for the same task) run
                      right after it, each in its own worker; their rows say how many times the recipe's
-                     throughput theirs is (and how many times sooner the recipe met the target, when both did)
+                     throughput theirs is (and how many times sooner the recipe met the target, when both did);
+                     an `after_recipe` baseline is handed the recipe's run directory, to match its training time
 
 `--repeat N` runs each recipe N times and reports medians. Results go to OUT/bench/STAMP/bench.json and
 bench.md (the Markdown table), with every run directory and log beside them.
