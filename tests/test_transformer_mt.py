@@ -1,10 +1,11 @@
 """transformer-mt: the masks, parallel = step-by-step decoding, the toy pairs learned and translated back from
-a checkpoint, exact resume, bad inputs."""
+a checkpoint, BLEU by slice, the LSTM at equal training time in bench, exact resume, bad inputs."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 from pathlib import Path
 
@@ -13,11 +14,11 @@ import torch
 from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
-from dlnotes import catalog
+from dlnotes import baselines, bench, catalog
 from dlnotes.cli import app
 from dlnotes.errors import UserError
 from dlnotes.tracking import latest_run
-from dlnotes.translation import BOS_ID, EOS_ID, PAD_ID, TOY_PAIRS
+from dlnotes.translation import BOS_ID, EOS_ID, PAD_ID, TOY_PAIRS, bleu_by_group, group_metrics
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +109,59 @@ def test_toy_run_learns_the_pairs(mt, toy_run) -> None:
     losses = [r["train_loss"] for r in rows(run_dir)]
     assert losses[-1] < 0.5 * losses[0]  # label smoothing keeps the floor above 0
     assert metrics["val_loss"] < 0.5
+
+
+def test_summary_and_samples_break_bleu_down_by_length_and_rare_words(toy_run) -> None:
+    metrics, run_dir = toy_run  # toy sentences are too short for 4-grams: BLEU 0, so the slices are counted here
+    assert [k for k in metrics if k.startswith("bleu_")] == ["bleu_words_1_5", "bleu_unseen", "bleu_rare"]
+    samples = (run_dir / "samples.md").read_text()  # "good night world": "good" and "night" are seen once each
+    assert "| words 1-5 | 8 | 0.00 |" in samples and "| unseen | 1 |" in samples and "| rare | 7 |" in samples
+
+
+def test_bleu_slices_split_by_english_length_and_the_rarest_word() -> None:
+    train = [("the lord said", "")] * 10 + [("moses said", "")] * 3 + [("aaron", "")]
+    sources = ["the lord said", "moses said " + "the lord " * 4, "aaron said", "the lord said to pharaoh"]
+    references = ["uno dos tres cuatro", "cinco seis siete ocho", "nueve diez once doce", "a b c d e"]
+    outputs = [r.split() for r in references[:2]] + [["x"], references[3].split()]
+    groups = bleu_by_group(sources, references, outputs, train)
+    assert list(groups) == ["words 1-5", "words 6-10", "unseen", "rare", "common"]
+    assert {name: row["pairs"] for name, row in groups.items()} == {"words 1-5": 3, "words 6-10": 1, "unseen": 2,
+                                                                   "rare": 1, "common": 1}
+    assert groups["common"]["bleu"] == pytest.approx(100) and groups["rare"]["bleu"] == pytest.approx(100)
+    assert groups["unseen"]["bleu"] < 90  # "aaron" was seen once (<unk> to both models), "pharaoh" never
+    assert group_metrics(groups)["bleu_words_6_10"] == pytest.approx(100)
+
+
+def test_the_lstm_baseline_trains_for_the_transformers_training_time(toy_run, tmp_path: Path) -> None:
+    base = baselines.find("transformer-mt", "LSTM seq2seq, same training time")
+    assert base.after_recipe
+    run = tmp_path / "run"  # the toy run's summary, with a training time of 1.5 s (the real one takes longer)
+    run.mkdir()
+    shutil.copy(toy_run[1] / "summary.json", run / "summary.json")
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "time_s": 0.5}\n{"epoch": 2, "time_s": 1.5}\n')
+    result = base.run("cpu", str(run), dataset="toy")
+    assert 1.5 <= result["training_s"] < 3.0  # stops at the budget (one batch past it at most)
+    assert result["steps"] > 0 and result["throughput_unit"] == "tokens/s" and 0 <= result["metric"] <= 100
+    assert "bleu_rare" in result and result["recipe_slices"]["bleu_rare"] == toy_run[0]["bleu_rare"]
+
+
+def test_bench_hands_the_recipes_run_to_a_baseline_that_measures_against_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+
+    def fake_worker(info, device, folder, attempt, baseline="", stem="", recipe_run=""):
+        seen.append((baseline, recipe_run))
+        if baseline:
+            return {"metric": 17.0, "target_met": True, "throughput": 900.0, "throughput_unit": "tokens/s",
+                    "wall_s": 60.0}
+        return {"metric": 18.0, "target_met": True, "wall_s": 70.0, "time_to_target_s": 70.0, "throughput": 600.0,
+                "throughput_unit": "tokens/s", "run_dir": "RUN"}
+
+    monkeypatch.setattr(bench, "run_worker", fake_worker)
+    folder, _ = bench.run_bench([catalog.get("transformer-mt")], 1, "cpu", tmp_path, report=lambda line: None)
+    assert seen == [("", ""), ("LSTM seq2seq, same training time", "RUN")]
+    assert "| transformer-mt baseline: LSTM seq2seq, same training time | test_bleu ≥ 15 | 17.0000 |" in (
+        folder / "bench.md").read_text()
 
 
 @pytest.mark.parametrize("beam", [1, 5])

@@ -11,6 +11,9 @@ A baseline is registered for a recipe id with `@baseline(recipe_id, name)`. It i
     clock_s                        optional: the seconds its clock ran (start as the recipe's run clock does);
                                    with a target never met, the recipe's time to target divides it as a bound
 
+`@baseline(recipe_id, name, after_recipe=True)` makes it `run(device, recipe_run)`, given the run directory the
+recipe's own bench run just wrote: to train for as long as the recipe did (transformer-mt's LSTM at equal time).
+
 `bench` runs each baseline in its own worker process, like a recipe, and adds the ratios to its row. The
 lesson stays in the recipe file; the slow way it improves on lives here.
 """
@@ -29,16 +32,19 @@ from dlnotes import catalog
 class Baseline:
     recipe: str  # the recipe id it is compared with
     name: str  # shown in the bench table
-    run: Callable[[str], dict[str, Any]]  # device -> result fields
+    run: Callable[..., dict[str, Any]]  # device -> result fields; (device, recipe's run directory) with after_recipe
+    after_recipe: bool = False  # it matches something the recipe's run just measured (its training time, say)
 
 
 BASELINES: dict[str, list[Baseline]] = {}
 
 
-def baseline(recipe: str, name: str) -> Callable[[Callable[[str], dict[str, Any]]], Callable[[str], dict[str, Any]]]:
-    """Register the decorated function as a baseline of `recipe`."""
-    def register(function: Callable[[str], dict[str, Any]]) -> Callable[[str], dict[str, Any]]:
-        BASELINES.setdefault(recipe, []).append(Baseline(recipe, name, function))
+def baseline(recipe: str, name: str, after_recipe: bool = False) -> Callable[[Callable[..., dict[str, Any]]],
+                                                                          Callable[..., dict[str, Any]]]:
+    """Register the decorated function as a baseline of `recipe`. With `after_recipe` it is called as
+    run(device, recipe_run), the run directory the recipe's own bench run just wrote."""
+    def register(function: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+        BASELINES.setdefault(recipe, []).append(Baseline(recipe, name, function, after_recipe))
         return function
     return register
 
@@ -233,3 +239,66 @@ def dqn_notes_loop(device: str, total_steps: int = 100_000, seed: int = 0) -> di
     return {"metric": float(returns.mean()), "time_to_target_s": time_to_target, "clock_s": time.perf_counter() - start,
             "env_steps": step,
             "throughput": step / (time.perf_counter() - start), "throughput_unit": "env steps/s"}
+
+
+# --- transformer-mt ---------------------------------------------------------------------------------------
+
+
+@baseline("transformer-mt", "LSTM seq2seq, same training time", after_recipe=True)
+def seq2seq_same_training_time(device: str, recipe_run: str, dataset: str = "bible") -> dict[str, Any]:
+    """The seq2seq recipe's LSTM at its default settings, trained for as many seconds as the transformer-mt run
+    `recipe_run` (this bench invocation's) trained, on the same pairs, batches and machine; its learning rate
+    decays linearly to 0 over that time instead of over a step count. Then the same held-out BLEU (beam search,
+    the same decoding guards) and the same slices by length and rare words as the transformer's summary."""
+    import json
+    from pathlib import Path
+
+    import torch
+    import torch.nn.functional as F
+
+    from dlnotes.datasets import epoch_generator
+    from dlnotes.device import pick_device, seed_everything
+    from dlnotes.text import corpus_bleu
+    from dlnotes.translation import bleu_by_group, group_metrics
+
+    rows = [json.loads(line) for line in (Path(recipe_run) / "metrics.jsonl").read_text().splitlines()]
+    budget = max(row["time_s"] for row in rows if "epoch" in row)  # the transformer's training, with validation
+    info = catalog.get("seq2seq")
+    recipe = catalog.load_module(info)
+    cfg = recipe.Config(**catalog.config_values(info, device=device, dataset=dataset))  # toy: for the tests
+    where = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    pairs = recipe.load_pairs(cfg)
+    src_vocab, tgt_vocab = recipe.build_vocabs(pairs["train"], cfg)
+    train = recipe.encode_pairs(pairs["train"], src_vocab, tgt_vocab, cfg.max_len)
+    model = recipe.Seq2Seq(len(src_vocab), len(tgt_vocab), cfg.hidden, cfg.dropout).to(where).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+    steps = tokens = 0
+    epoch, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < budget:
+        epoch += 1
+        for batch in recipe.length_batches(train, cfg.batch_size, epoch_generator(cfg.seed, epoch)):
+            if (elapsed := time.perf_counter() - start) >= budget:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * (1 - elapsed / budget)  # the recipe's linear decay, over time
+            source, lengths, decoder_in, target = recipe.collate(train, batch, where)
+            logits = model(source, lengths, decoder_in)  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=recipe.PAD_ID,
+                                   label_smoothing=cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            optimizer.step()
+            steps, tokens = steps + 1, tokens + sum(len(train[i][1]) + 1 for i in batch)
+    trained = time.perf_counter() - start
+    test = [(en, es) for en, es in pairs["test"] if len(en.split()) <= cfg.eval_words]
+    sources, references = [en for en, _ in test], [es for _, es in test]
+    outputs, _ = recipe.translate(model, sources, src_vocab, tgt_vocab, cfg, where, beam=cfg.beam)
+    groups = bleu_by_group(sources, references, outputs, pairs["train"])
+    summary = json.loads((Path(recipe_run) / "summary.json").read_text())["metrics"]
+    return {"metric": corpus_bleu(outputs, references), "throughput": tokens / trained,
+            "throughput_unit": "tokens/s", "training_s": trained, "steps": steps, "epochs": steps / len(
+                recipe.length_batches(train, cfg.batch_size, torch.Generator())),
+            **group_metrics(groups), "recipe_slices": {k: v for k, v in summary.items() if k.startswith("bleu_")}}

@@ -14,7 +14,8 @@ recipe's `main` in-process, then reads the run directory it wrote:
                      data pipeline, augmentation and bookkeeping cost
     baselines        a recipe's baselines (`dlnotes.baselines`: the notes' own code for the same task) run
                      right after it, each in its own worker; their rows say how many times the recipe's
-                     throughput theirs is (and how many times sooner the recipe met the target, when both did)
+                     throughput theirs is (and how many times sooner the recipe met the target, when both did);
+                     an `after_recipe` baseline is handed the recipe's run directory, to match its training time
 
 `--repeat N` runs each recipe N times and reports medians. Results go to OUT/bench/STAMP/bench.json and
 bench.md (the Markdown table), with every run directory and log beside them.
@@ -62,16 +63,23 @@ def run_bench(infos: list[catalog.RecipeInfo], repeat: int, device: str, out: Pa
     for info in infos:
         bases = baselines.for_recipe(info.id)
         # The recipe's k-th run and its baselines' k-th runs go back to back: each pair shares the machine's
-        # conditions (another job starting, a warm cache), so the medians compare like with like.
+        # conditions (another job starting, a warm cache), so the medians compare like with like. A baseline
+        # that measures against the recipe's run (after_recipe) gets the k-th run's directory.
         recipe_attempts: list[dict[str, Any]] = []
         base_attempts: list[list[dict[str, Any]]] = [[] for _ in bases]
         for attempt in range(1, repeat + 1):
             recipe_attempts += run_attempts(info, "", repeat, device, folder, report, numbers=(attempt,))
+            recipe_run = recipe_attempts[-1].get("run_dir", "") if "error" not in recipe_attempts[-1] else ""
             for number, base in enumerate(bases, 1):
+                if base.after_recipe and not recipe_run:
+                    continue  # it measures against the recipe's run, and there is none
                 base_attempts[number - 1] += run_attempts(info, base.name, repeat, device, folder, report,
-                                                          f"{info.id}-baseline{number}", numbers=(attempt,))
+                                                          f"{info.id}-baseline{number}", numbers=(attempt,),
+                                                          recipe_run=recipe_run if base.after_recipe else "")
         rows.append(summarize(info, recipe_attempts))
         for base, attempts in zip(bases, base_attempts):
+            if not attempts:
+                continue
             baseline_rows.append(compare(rows[-1], summarize(info, attempts, baseline=base.name)))
     machine = describe_machine(device)
     (folder / "bench.json").write_text(json.dumps({"machine": machine, "repeat": repeat, "recipes": rows,
@@ -81,13 +89,15 @@ def run_bench(infos: list[catalog.RecipeInfo], repeat: int, device: str, out: Pa
 
 
 def run_attempts(info: catalog.RecipeInfo, baseline: str, repeat: int, device: str, folder: Path, report: Any,
-                 stem: str = "", numbers: tuple[int, ...] = ()) -> list[dict[str, Any]]:
-    """Worker runs `numbers` (default: all `repeat`) of the recipe, or of its baseline named `baseline`."""
+                 stem: str = "", numbers: tuple[int, ...] = (), recipe_run: str = "") -> list[dict[str, Any]]:
+    """Worker runs `numbers` (default: all `repeat`) of the recipe, or of its baseline named `baseline` (given
+    the recipe's `recipe_run` directory when it measures against it)."""
     label = f"{info.id} baseline '{baseline}'" if baseline else info.id
     attempts = []
     for attempt in numbers or range(1, repeat + 1):
         report(f"{label}: run {attempt}/{repeat} ...")
-        result = run_worker(info, device, folder, attempt, baseline, stem)
+        extra = (recipe_run,) if recipe_run else ()  # only a baseline that measures against the recipe's run
+        result = run_worker(info, device, folder, attempt, baseline, stem, *extra)
         attempts.append(result)
         if "error" in result:
             report(f"{label}: failed: {result['error']}")
@@ -99,11 +109,11 @@ def run_attempts(info: catalog.RecipeInfo, baseline: str, repeat: int, device: s
 
 
 def run_worker(info: catalog.RecipeInfo, device: str, folder: Path, attempt: int, baseline: str = "",
-               stem: str = "") -> dict[str, Any]:
+               stem: str = "", recipe_run: str = "") -> dict[str, Any]:
     result_file = folder / f"{stem or info.id}-{attempt}.json"
     log_file = folder / f"{stem or info.id}-{attempt}.log"
     command = [sys.executable, "-c", "from dlnotes.bench import bench_worker; bench_worker()",
-               info.id, device, str(folder / "runs"), str(result_file), baseline]
+               info.id, device, str(folder / "runs"), str(result_file), baseline, recipe_run]
     with log_file.open("w") as log:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
     if code != 0 or not result_file.is_file():
@@ -113,17 +123,19 @@ def run_worker(info: catalog.RecipeInfo, device: str, folder: Path, attempt: int
 
 
 def bench_worker() -> None:
-    """In the worker process: argv = recipe id, device, runs folder, result file, and the name of one of the
-    recipe's baselines to run instead of the recipe (empty: the recipe)."""
+    """In the worker process: argv = recipe id, device, runs folder, result file, the name of one of the
+    recipe's baselines to run instead of the recipe (empty: the recipe), and the recipe's run directory for a
+    baseline that measures against it."""
     import resource
 
     from dlnotes.launch import quiet_idle_threads
 
     recipe, device, runs, result_file = sys.argv[1:5]
     baseline = sys.argv[5] if len(sys.argv) > 5 else ""
+    recipe_run = sys.argv[6] if len(sys.argv) > 6 else ""
     quiet_idle_threads()
     info = catalog.get(recipe)
-    result = baseline_result(info, baseline, device) if baseline else recipe_result(info, device, runs)
+    result = baseline_result(info, baseline, device, recipe_run) if baseline else recipe_result(info, device, runs)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     Path(result_file).write_text(json.dumps(result))
 
@@ -156,11 +168,12 @@ def recipe_result(info: catalog.RecipeInfo, device: str, runs: str) -> dict[str,
     return result
 
 
-def baseline_result(info: catalog.RecipeInfo, name: str, device: str) -> dict[str, Any]:
+def baseline_result(info: catalog.RecipeInfo, name: str, device: str, recipe_run: str = "") -> dict[str, Any]:
     """Run the recipe's baseline `name` in this process: its own fields, the wall time, and whether the target
     holds when it reports the metric."""
     start = time.perf_counter()
-    result = dict(baselines.find(info.id, name).run(device))
+    base = baselines.find(info.id, name)
+    result = dict(base.run(device, recipe_run) if base.after_recipe else base.run(device))
     result["wall_s"] = time.perf_counter() - start
     if result.get("metric") is not None:
         result["target_met"] = info.target.met(float(result["metric"]))

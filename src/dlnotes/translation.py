@@ -6,10 +6,12 @@ tokens, vocabularies and batches, so the two recipes' BLEU scores compare like f
     data = encode_pairs(pairs["train"], src_vocab, tgt_vocab, max_len=40)   # [(src ids, tgt ids), ...]
     for idx in length_batches(data, 32, generator):  # similar lengths together, batches in random order
         source, lengths, decoder_in, target = collate(data, idx, device)   # (B, S), (B,), (B, T), (B, T)
+    groups = bleu_by_group(sources, references, outputs, pairs["train"])  # where a model wins: length, rare words
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from dlnotes import distributed
-from dlnotes.text import BOS, EOS, PAD, UNK, Vocab, detokenize, word_tokens
+from dlnotes.text import BOS, EOS, PAD, UNK, Vocab, corpus_bleu, detokenize, word_tokens
 from dlnotes.textdata import load_translation_pairs
 
 SPECIALS = (PAD, UNK, BOS, EOS)  # ids 0..3 in both vocabularies
@@ -83,10 +85,47 @@ def collate(data: list, idx: list[int], device: torch.device):
     return source, lengths, decoder_in.to(device), target.to(device)
 
 
+LENGTH_BUCKETS = ((1, 5), (6, 10), (11, 15), (16, 20))  # English words; the test set holds verses of <= 20
+RARE_BELOW = 10  # a word seen fewer times than this in the training English is "rare"
+
+
+def bleu_by_group(sources: list[str], references: list[str], outputs: list[list[str]],
+                  train_pairs: list[tuple[str, str]]) -> dict[str, dict[str, float]]:
+    """BLEU on slices of the held-out pairs, to see where a model wins: by English length (words), and by the
+    rarest English word of the sentence. "unseen": a word seen fewer than twice in training (<unk> to both
+    models); "rare": its rarest word seen 2 to RARE_BELOW - 1 times; "common": every word seen more often.
+    {"words 1-5": {"pairs": n, "bleu": b}, ..., "rare": {...}}; slices without pairs are left out."""
+    counts = Counter(token for en, _ in train_pairs for token in source_tokens(en))
+    groups: dict[str, list[int]] = {}
+    for n, en in enumerate(sources):
+        words = len(en.split())  # the same count as the test set's <= 20 words filter
+        for low, high in LENGTH_BUCKETS:
+            if low <= words <= high:
+                groups.setdefault(f"words {low}-{high}", []).append(n)
+        rarest = min((counts[token] for token in source_tokens(en)), default=0)
+        groups.setdefault("unseen" if rarest < 2 else "rare" if rarest < RARE_BELOW else "common", []).append(n)
+    order = [f"words {low}-{high}" for low, high in LENGTH_BUCKETS] + ["unseen", "rare", "common"]
+    return {name: {"pairs": float(len(groups[name])),
+                   "bleu": corpus_bleu([outputs[n] for n in groups[name]], [references[n] for n in groups[name]])}
+            for name in order if name in groups}
+
+
+def group_metrics(groups: dict[str, dict[str, float]], prefix: str = "bleu") -> dict[str, float]:
+    """The slices as flat summary metrics: {"bleu_words_1_5": 21.3, ..., "bleu_rare": 12.0}."""
+    return {f"{prefix}_{name.replace(' ', '_').replace('-', '_')}": row["bleu"] for name, row in groups.items()}
+
+
 @distributed.main_rank_only
-def write_samples(path: Path, sources, references, greedy_out, beam_out, beam: int, count: int = 25) -> None:
-    """samples.md: the first `count` held-out sentences with their reference, greedy and beam translations."""
+def write_samples(path: Path, sources, references, greedy_out, beam_out, beam: int, count: int = 25,
+                  groups: dict[str, dict[str, float]] | None = None) -> None:
+    """samples.md: the first `count` held-out sentences with their reference, greedy and beam translations;
+    with `groups` (`bleu_by_group` of the beam outputs), a table of BLEU by length and by rare words first."""
     lines = ["# Held-out translations\n"]
+    if groups:
+        lines += [f"BLEU (beam {beam}) by slice of the {len(sources):,} held-out pairs: English length in words; "
+                  f"rarest English word seen < 2 (unseen), < {RARE_BELOW} (rare) or more times in training "
+                  "(common).\n", "| slice | pairs | BLEU |", "|---|---|---|"]
+        lines += [f"| {name} | {row['pairs']:.0f} | {row['bleu']:.2f} |" for name, row in groups.items()] + [""]
     for n in range(min(count, len(sources))):
         lines += [f"{n + 1}. **English:** {sources[n]}  ", f"   **Reference:** {references[n]}  ",
                   f"   **Greedy:** {detokenize(greedy_out[n])}  ", f"   **Beam {beam}:** {detokenize(beam_out[n])}\n"]
