@@ -57,7 +57,8 @@ def answer(engine, row: dict, mode: str, max_tokens: int) -> tuple[list[dict], s
     """(calls, text, completion tokens, decoding seconds) of one prompt in one mode."""
     body = {"model": engine.name, "messages": [{"role": "user", "content": row["prompt"]}],
             "tools": toolbox.specs(list(toolbox.NAMES)), "max_tokens": max_tokens, "temperature": 0,
-            "tool_choice": "auto" if mode == "auto" else "required"}
+            "tool_choice": "auto" if mode == "auto" else "required",
+            "stop": ["</tool_call>"]}  # free replies end with the call (a constrained one ends with its JSON)
     req = parse_request(body, engine.name)
     if mode == "prefix":
         req.grammar = None  # the same prompt, ending in "<tool_call>", decoded freely
@@ -67,8 +68,6 @@ def answer(engine, row: dict, mode: str, max_tokens: int) -> tuple[list[dict], s
         first = first or time.perf_counter()  # the first piece comes after the prefill
         pieces.append(piece)
     text = "".join(p.text for p in pieces)
-    if mode == "prefix":
-        text = text.split("</tool_call>")[0]
     _, calls = parse_reply(text, req)
     tokens = pieces[-1].completion_tokens
     return calls, text, tokens, time.perf_counter() - (first or time.perf_counter())
@@ -79,7 +78,8 @@ def main() -> None:
     parser.add_argument("--model", default="", help="a .gguf file or model folder (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--tiny", action="store_true", help="the tiny random model (checks the script)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N prompts")
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=48, help="a call is about 25 tokens")
+    parser.add_argument("--modes", default="constrained,auto,prefix")
     parser.add_argument("--out", default="", help="write each reply here as JSON lines")
     args = parser.parse_args()
     if args.tiny:
@@ -90,7 +90,7 @@ def main() -> None:
     else:
         engine = load_engine(args.model, "cpu")
     rows = load_prompts(args.limit)
-    modes = ("auto", "prefix", "constrained")
+    modes = args.modes.split(",")
     stats = {m: {"valid": 0, "correct": 0, "tokens": 0, "seconds": 0.0} for m in modes}
     log = open(args.out, "w") if args.out else None
     for row in rows:
