@@ -78,7 +78,8 @@ def main() -> None:
     parser.add_argument("--model", default="", help="a .gguf file or model folder (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--tiny", action="store_true", help="the tiny random model (checks the script)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N prompts")
-    parser.add_argument("--max-tokens", type=int, default=48, help="a call is about 25 tokens")
+    parser.add_argument("--max-tokens", type=int, default=64, help="a call is about 25 tokens; a forced one needs "
+                        "as many tokens as bytes in its shortest form (53 here)")
     parser.add_argument("--modes", default="constrained,auto,prefix")
     parser.add_argument("--out", default="", help="write each reply here as JSON lines")
     args = parser.parse_args()

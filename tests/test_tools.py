@@ -106,7 +106,7 @@ def test_matcher_accepts_valid_json_and_knows_the_shortest_way_to_finish(schema:
     for i in range(len(text)):
         state = feed(state, text[i:i + 1])
         assert state, text[:i + 1]
-        if i % 3 == 0 and not finished(state):  # min_len is exact: a completion of that length exists
+        if i % 5 == 0 and not finished(state):  # min_len is exact: a completion of that length exists
             assert shortest_completion(state) == min_len(state), text[:i + 1]
     assert finished(state) and validate(node, value)
     assert not feed(state, b" ")  # nothing after the value
@@ -145,7 +145,7 @@ def test_matcher_refuses_what_breaks_the_schema(schema: str, text: bytes) -> Non
     ({"enum": []}, "non-empty"),
 ])
 def test_schemas_outside_the_subset_are_refused_by_name(schema: dict, fragment: str) -> None:
-    with pytest.raises(SchemaError, match="") as err:
+    with pytest.raises(SchemaError) as err:
         compile_schema(schema)
     assert fragment in str(err.value)
     if "outside" in fragment:
@@ -360,7 +360,7 @@ def test_calculator(expression: str, value: str) -> None:
     ("2 +", "not an arithmetic expression"), ("1" * 300, "longer than 200"), ("", "empty"),
 ])
 def test_calculator_refuses_code_and_huge_numbers(expression: str, fragment: str) -> None:
-    with pytest.raises(toolbox.ToolError, match="") as err:
+    with pytest.raises(toolbox.ToolError) as err:
         toolbox.calculate(expression)
     assert fragment in str(err.value)
 
@@ -383,10 +383,10 @@ def test_catalog_tools_and_their_errors() -> None:
 def test_llm_chat_runs_the_tool_loop(smoke_run, url: str, capsys: pytest.CaptureFixture) -> None:
     """Against a server started apart (as Ollama would be): a forced first call, its result, then an answer."""
     metrics, run_dir = smoke_run("llm-chat", base_url=url, api_key=KEY, tiny=False, prompt="What is 2 + 2?",
-                                 tools="all", tool_choice="required", max_tokens=120, tool_rounds=2)
+                                 tools="calculator", tool_choice="required", max_tokens=60, tool_rounds=1)
     assert metrics["turns"] == 1 and metrics["tool_calls"] >= 1
     out = capsys.readouterr().out
-    assert any(line.startswith(("[calculator(", "[recipe_info(", "[find_recipes(")) for line in out.splitlines())
+    assert any(line.startswith("[calculator({") for line in out.splitlines()), out
     assert json.loads((run_dir / "transcript.jsonl").read_text())["tool_calls"] == metrics["tool_calls"]
 
 
@@ -395,3 +395,20 @@ def test_llm_chat_runs_the_tool_loop(smoke_run, url: str, capsys: pytest.Capture
                                             (["--tool-rounds", "0"], "--tool-rounds must be positive")])
 def test_llm_chat_bad_tool_flags(invoke, args: list[str], fragment: str) -> None:
     assert_one_line_error(invoke("run", "llm-chat", "--prompt", "hi", *args), fragment)
+
+
+def test_the_shipped_tool_prompts_expect_calls_the_tools_accept() -> None:
+    """data/tool-prompts: checksummed, 30 prompts, every expected call valid for the tools (what bench_tools
+    scores against), and the calculator's expected expressions compute."""
+    from dlnotes.datasets import data_root, verify_checksums
+
+    folder = data_root() / "tool-prompts"
+    verify_checksums(folder, "restore it")
+    rows = [json.loads(line) for line in (folder / "prompts.jsonl").read_text().splitlines()]
+    assert len(rows) == 30 and len({r["prompt"] for r in rows}) == 30
+    schemas = {t["function"]["name"]: compile_schema(t["function"]["parameters"])
+               for t in toolbox.specs(list(toolbox.NAMES))}
+    for row in rows:
+        call = row["call"]
+        assert validate(schemas[call["name"]], call["arguments"]), row
+        assert not toolbox.run_tool(call["name"], json.dumps(call["arguments"])).startswith("error"), row
