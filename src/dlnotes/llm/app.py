@@ -135,7 +135,7 @@ def create_app(engine: Engine, api_key: str = "", limits: Limits = Limits(), bin
 
 def _check_grammar(engine: Engine, req: ChatRequest, budget: int) -> None:
     """A constrained reply must be writable: byte tokens to spell any JSON, and room for the shortest value."""
-    from dlnotes.llm.constrained import vocabulary
+    from dlnotes.llm.guide import vocabulary
 
     if not vocabulary(engine.loaded.tokenizer, engine.loaded.model.config.vocab_size).single:
         raise APIError(400, "This model's vocabulary has no token for every byte, which constrained decoding "

@@ -3,7 +3,7 @@
 The loop is written out (no `model.generate`): prefill the prompt once, then one token per forward pass
 reusing the KV cache (`decoders`), sampling with temperature and top-p, decoding text incrementally so
 multi-byte characters are never cut, and holding back text that might be the start of a stop string
-(`sampling`); a request that asks for JSON or a tool call picks only tokens that keep it valid (`constrained`,
+(`sampling`); a request that asks for JSON or a tool call picks only tokens that keep it valid (`guide`,
 `tools`). Requests take turns: one model, one KV cache at a time; a second request waits for the first
 instead of mixing its tokens into it, and waiting requests are served in order of arrival.
 
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dlnotes.llm.constrained import Guide, vocabulary
 from dlnotes.llm.decoders import decoder_for
+from dlnotes.llm.guide import Guide, vocabulary
 from dlnotes.llm.models import LoadedModel
 from dlnotes.llm.sampling import Detokenizer, StopStrings, sample
 from dlnotes.llm.schema import APIError, ChatRequest

@@ -17,7 +17,7 @@ template has no tool role).
     text = chat_prompt(tokenizer, req)         # the templated prompt, ending where the reply begins
     content, calls = parse_reply(text, req)     # calls in OpenAI's shape, or none and the text as content
 
-With `tool_choice` "required" or a named function the reply is constrained (`constrained`): the prompt ends
+With `tool_choice` "required" or a named function the reply is constrained (`guide`): the prompt ends
 with `<tool_call>` already written, and the model may only write a JSON list of calls that match the tools'
 parameter schemas (`calls_schema`), so what comes back always parses.
 """
