@@ -2,6 +2,7 @@
 
     python scripts/bench_tools.py                 # SmolLM2-135M-Instruct on data/tool-prompts (30 prompts)
     python scripts/bench_tools.py --tiny --limit 3   # the tiny random model: checks the script itself
+    python scripts/bench_tools.py --out r.jsonl      # each reply as a JSON line; --summary r.jsonl: the table again
 
 Each prompt of data/tool-prompts/prompts.jsonl expects one call (a tool and its arguments) to the three
 tools of `llm-chat --tools all`. Every prompt is answered greedily three ways, in-process (the server's own
@@ -25,6 +26,7 @@ import math
 import platform
 import threading
 import time
+from pathlib import Path
 
 from dlnotes.datasets import data_root, verify_checksums
 from dlnotes.llm import toolbox
@@ -82,7 +84,12 @@ def main() -> None:
                         "as many tokens as bytes in its shortest form (53 here)")
     parser.add_argument("--modes", default="constrained,auto,prefix")
     parser.add_argument("--out", default="", help="write each reply here as JSON lines")
+    parser.add_argument("--summary", default="", help="print the table of an --out file (of a run cut short too)")
     args = parser.parse_args()
+    if args.summary:
+        lines = [json.loads(line) for line in Path(args.summary).read_text().splitlines() if line.strip()]
+        table([r for r in lines if r["mode"] in args.modes.split(",")], args.modes.split(","), args.summary)
+        return
     if args.tiny:
         from dlnotes.llm.engine import Engine
         from dlnotes.llm.tiny import tiny_model
@@ -92,34 +99,38 @@ def main() -> None:
         engine = load_engine(args.model, "cpu")
     rows = load_prompts(args.limit)
     modes = args.modes.split(",")
-    stats = {m: {"valid": 0, "correct": 0, "tokens": 0, "seconds": 0.0} for m in modes}
+    results = []
     log = open(args.out, "w") if args.out else None
     for row in rows:
         for mode in modes:
             calls, text, tokens, seconds = answer(engine, row, mode, args.max_tokens)
             good = len(calls) >= 1 and correct(calls[0], row["call"])
-            s = stats[mode]
-            s["valid"] += bool(calls)
-            s["correct"] += good
-            s["tokens"] += max(tokens - 1, 0)  # the first token comes with the prefill, before the clock starts
-            s["seconds"] += seconds
+            results.append({"id": row["id"], "mode": mode, "text": text, "calls": calls, "correct": good,
+                            "tokens": tokens, "seconds": seconds})
             mark = f"{'valid' if calls else '-':<5} {'correct' if good else '':<7}"
             print(f"{row['id']:>3} {mode:<11} {mark} {text[:90]!r}", flush=True)
             if log:
-                log.write(json.dumps({"id": row["id"], "mode": mode, "text": text, "calls": calls,
-                                      "correct": good, "tokens": tokens, "seconds": seconds}) + "\n")
-    n = len(rows)
-    where = platform.processor() or platform.machine()
-    print(f"\n{engine.name}, {n} prompts, greedy, max_tokens {args.max_tokens}, measured on {where}")
+                log.write(json.dumps(results[-1]) + "\n")
+                log.flush()
+    table(results, modes, f"{engine.name}, greedy, max_tokens {args.max_tokens}")
+
+
+def table(results: list[dict], modes: list[str], what: str) -> None:
+    """Valid and correct calls, and decoding speed, per mode, over the prompts answered in every mode."""
+    done = {r["id"] for r in results if all(any(q["id"] == r["id"] and q["mode"] == m for q in results)
+                                           for m in modes)}
+    n = len(done)
+    print(f"\n{what}: {n} prompts, measured on {platform.processor() or platform.machine()}")
     print("| mode | valid calls | correct calls | tokens/s (decode) |\n|---|---|---|---|")
+    speed = {}
     for mode in modes:
-        s = stats[mode]
-        speed = s["tokens"] / s["seconds"] if s["seconds"] else 0.0
-        print(f"| {mode} | {s['valid']}/{n} | {s['correct']}/{n} | {speed:.1f} |")
-    if stats["prefix"]["seconds"] and stats["constrained"]["seconds"]:
-        ratio = (stats["constrained"]["tokens"] / stats["constrained"]["seconds"]) / (
-            stats["prefix"]["tokens"] / stats["prefix"]["seconds"])
-        print(f"constrained / prefix tokens/s: {ratio:.2f}")
+        rows = [r for r in results if r["mode"] == mode and r["id"] in done]
+        tokens = sum(max(r["tokens"] - 1, 0) for r in rows)  # the first token comes with the prefill
+        speed[mode] = tokens / max(sum(r["seconds"] for r in rows), 1e-9)
+        print(f"| {mode} | {sum(bool(r['calls']) for r in rows)}/{n} | {sum(r['correct'] for r in rows)}/{n} "
+              f"| {speed[mode]:.1f} |")
+    if "prefix" in speed and "constrained" in speed and speed["prefix"]:
+        print(f"constrained / prefix tokens/s: {speed['constrained'] / speed['prefix']:.2f}")
 
 
 if __name__ == "__main__":

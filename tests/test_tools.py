@@ -412,3 +412,15 @@ def test_the_shipped_tool_prompts_expect_calls_the_tools_accept() -> None:
         call = row["call"]
         assert validate(schemas[call["name"]], call["arguments"]), row
         assert not toolbox.run_tool(call["name"], json.dumps(call["arguments"])).startswith("error"), row
+
+
+def test_a_vocabulary_that_cannot_spell_the_closing_bytes_is_refused(engine: Engine) -> None:
+    from dataclasses import replace
+
+    from dlnotes.llm.guide import spells, vocabulary
+
+    vocab = vocabulary(engine.loaded.tokenizer, engine.loaded.model.config.vocab_size)
+    node = compile_schema({"type": "object", "properties": {"é": {"enum": ["ü"]}}, "required": ["é"]})
+    assert spells(vocab, node)  # byte-level BPE: every byte is a token
+    assert not spells(replace(vocab, singles=vocab.singles - {ord("}")}), node)
+    assert not spells(replace(vocab, singles=vocab.singles - {"ü".encode()[1]}), node)

@@ -135,11 +135,11 @@ def create_app(engine: Engine, api_key: str = "", limits: Limits = Limits(), bin
 
 def _check_grammar(engine: Engine, req: ChatRequest, budget: int) -> None:
     """A constrained reply must be writable: byte tokens to spell any JSON, and room for the shortest value."""
-    from dlnotes.llm.guide import vocabulary
+    from dlnotes.llm.guide import spells, vocabulary
 
-    if not vocabulary(engine.loaded.tokenizer, engine.loaded.model.config.vocab_size).single:
-        raise APIError(400, "This model's vocabulary has no token for every byte, which constrained decoding "
-                       "(response_format, tool_choice) needs.", "response_format")
+    if not spells(vocabulary(engine.loaded.tokenizer, engine.loaded.model.config.vocab_size), req.grammar):
+        raise APIError(400, "This model's vocabulary lacks single-byte tokens that constrained decoding "
+                       "(response_format, tool_choice) needs to finish the JSON.", "response_format")
     if budget < req.grammar.min_size:
         raise APIError(400, f"max_tokens is {budget}; the shortest JSON the schema allows needs "
                        f"{req.grammar.min_size}.", "max_tokens")

@@ -181,6 +181,18 @@ def _after(node: Node, index: int) -> int:
     return 1 + sum(1 + len(key) + 1 + schema.min_size for key, _, schema, req in node.props[index:] if req)
 
 
+def literal_bytes(node: Node) -> set[int]:
+    """Every byte of the schema's keys and literal values (what a completion may have to spell)."""
+    found = set()
+    for key, _, child, _ in node.props:
+        found |= set(key) | literal_bytes(child)
+    for text in node.literals:
+        found |= set(text)
+    for child in (*node.options, *([node.items] if node.items else [])):
+        found |= literal_bytes(child)
+    return found
+
+
 def validate(node: Node, value: Any) -> bool:
     """Whether a parsed JSON value matches the schema (key order free: this checks, it does not generate)."""
     kind = node.kind

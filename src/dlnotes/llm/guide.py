@@ -9,8 +9,9 @@ what is left), so the reply is its answer, only well-formed. The matcher works o
 its bytes (`vocabulary`; byte-level BPE spells every byte, special tokens have none).
 
 The reply always ends complete: a token is accepted only if the shortest way to finish the JSON from after
-it still fits the tokens left (`constrained.min_len`, in bytes; every single byte is a token of a byte-level
-vocabulary). At the end of the budget only the closing bytes remain possible. The price: max_tokens must be
+it still fits the tokens left (`constrained.min_len`, in bytes: each byte a completion needs, printable
+ASCII and the bytes of the schema's keys and enums, is a token of its own in a byte-level vocabulary;
+`spells` checks it). At the end of the budget only the closing bytes remain possible. The price: max_tokens must be
 at least the schema's shortest value in bytes (the server answers 400 otherwise).
 
 Checking a token costs a few microseconds of Python per byte. A step first samples as usual and checks
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from dlnotes.llm.constrained import Node, feed, finished, min_len, start_state
+from dlnotes.llm.constrained import Node, feed, finished, literal_bytes, min_len, start_state
 
 TRIES = 8  # sampled tokens checked one by one before computing the whole set of valid tokens
 
@@ -36,7 +37,7 @@ class Vocabulary:
     first: Any  # (V,) long: each token's first byte, 256 for None
     plain: Any  # (V,) bool: tokens that may continue any string (no '"', '\\' or control byte)
     tricky: list[int]  # the other tokens with bytes: checked one by one inside a string
-    single: bool  # every byte value is a token of its own (so a completion can always be written)
+    singles: frozenset[int]  # the byte values that are a token of their own
 
 
 @cache
@@ -86,10 +87,15 @@ def vocabulary(tokenizer: Any, size: int | None = None) -> Vocabulary:
     first = torch.tensor([t[0] if t else 256 for t in tokens])
     plain = torch.tensor([bool(t) and not any(b in (0x22, 0x5C) or b < 0x20 for b in t) for t in tokens])
     tricky = [i for i, t in enumerate(tokens) if t and not plain[i]]
-    single = {t[0] for t in tokens if t and len(t) == 1} == set(range(256))
-    vocab = Vocabulary(tokens, first, plain, tricky, single)
+    singles = frozenset(t[0] for t in tokens if t and len(t) == 1)
+    vocab = Vocabulary(tokens, first, plain, tricky, singles)
     _VOCABULARIES[key] = (tokenizer, vocab)
     return vocab
+
+
+def spells(vocab: Vocabulary, node: Node) -> bool:
+    """Whether every byte that a shortest completion of this schema may need is a token of its own."""
+    return set(range(0x20, 0x7F)) | literal_bytes(node) <= vocab.singles
 
 
 class Guide:
@@ -135,7 +141,8 @@ class Guide:
     def allowed(self, remaining: int) -> Any:
         """(V,) bool: every token valid now. Inside a free string every plain token is (when there is room for
         more than the closing quote), so only the others are checked; elsewhere only tokens whose first byte
-        the matcher accepts are."""
+        the matcher accepts are, and the states after each prefix are shared (most tokens fail on the same
+        first two bytes, e.g. a space and a letter where a value must start)."""
         import torch
 
         vocab = self.vocab
@@ -146,7 +153,16 @@ class Guide:
             mask = torch.zeros_like(vocab.plain)
             starts = torch.tensor([bool(feed(self.state, bytes([b]))) for b in range(256)] + [False])
             candidates = starts[vocab.first].nonzero().flatten().tolist()
+        after: dict[bytes, Any] = {b"": self.state}  # prefix -> the state after it, () when refused
         for token in candidates:
-            if self.accepts(token, remaining) is not None:
+            data = vocab.tokens[token]
+            state = self.state
+            for k in range(1, len(data) + 1):
+                state = after.get(data[:k])
+                if state is None:
+                    state = after[data[:k]] = feed(after[data[:k - 1]], data[k - 1:k])
+                if not state:
+                    break
+            if state and (finished(state) or min_len(state) <= remaining - 1):
                 mask[token] = True
         return mask
