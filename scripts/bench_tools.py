@@ -35,10 +35,13 @@ from dlnotes.llm.server import load_engine
 from dlnotes.llm.tools import parse_reply
 
 
-def load_prompts(limit: int = 0) -> list[dict]:
+def load_prompts(limit: int = 0, ids: str = "") -> list[dict]:
     folder = data_root() / "tool-prompts"
     verify_checksums(folder, "restore data/tool-prompts from the repository.")
     rows = [json.loads(line) for line in (folder / "prompts.jsonl").read_text().splitlines() if line.strip()]
+    if ids:  # e.g. "13,23,2": these prompts, in this order
+        by_id = {r["id"]: r for r in rows}
+        rows = [by_id[int(i)] for i in ids.split(",")]
     return rows[:limit] if limit else rows
 
 
@@ -80,6 +83,7 @@ def main() -> None:
     parser.add_argument("--model", default="", help="a .gguf file or model folder (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--tiny", action="store_true", help="the tiny random model (checks the script)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N prompts")
+    parser.add_argument("--ids", default="", help="only these prompt ids, in this order (e.g. 13,23,2)")
     parser.add_argument("--max-tokens", type=int, default=64, help="a call is about 25 tokens; a forced one needs "
                         "as many tokens as bytes in its shortest form (53 here)")
     parser.add_argument("--modes", default="constrained,auto,prefix")
@@ -97,7 +101,7 @@ def main() -> None:
         engine = Engine(tiny_model(context=4096))  # the tools' description is ~1,000 of its tokens
     else:
         engine = load_engine(args.model, "cpu")
-    rows = load_prompts(args.limit)
+    rows = load_prompts(args.limit, args.ids)
     modes = args.modes.split(",")
     results = []
     log = open(args.out, "w") if args.out else None
