@@ -18,6 +18,7 @@ from conftest import assert_one_line_error
 
 from dlnotes.llm import toolbox
 from dlnotes.llm.constrained import SchemaError, compile_schema, feed, finished, min_len, start_state, validate
+from dlnotes.llm.decoders import LlamaDecoder
 from dlnotes.llm.engine import Engine
 from dlnotes.llm.schema import parse_request
 from dlnotes.llm.server import BackgroundServer
@@ -54,7 +55,11 @@ SCHEMAS = {
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    return Engine(tiny_model(context=4096))  # the tools' description alone is ~1,000 of its tokens
+    """The tiny model with room for the tools' description (~1,000 of its tokens), decoding eagerly: compiling
+    the step (tested in test_serve) would cost more time here than all these tests decode."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("dlnotes.llm.engine.decoder_for", lambda model: LlamaDecoder(model, compile=False))
+        return Engine(tiny_model(context=4096))
 
 
 @pytest.fixture(scope="module")
