@@ -25,6 +25,21 @@ freely; `--seed` makes sampling repeatable too. The API key comes from `--api-ke
 
 `--prompt TEXT` asks one question and exits; without it the chat is interactive (`/reset`, `/exit`).
 Each turn's time to first token and tokens per second go to the run directory, with the transcript.
+
+Tools (`--tools calculator,recipe_info,find_recipes` or `--tools all`): the request lists functions the
+model may call, with a JSON schema of their arguments. The model does not run anything: it answers with a
+call, the client runs it and sends the result back as a `tool` message, and asks again:
+
+    reply = create(messages=history, tools=[{"type": "function", "function": {"name", "parameters"}}])
+    for call in reply.choices[0].message.tool_calls:      # finish_reason "tool_calls"
+        result = run_tool(call.function.name, call.function.arguments)    # arguments: a JSON string
+        history.append({"role": "tool", "tool_call_id": call.id, "content": result})
+    reply = create(messages=history, tools=...)            # now it can answer with the result
+
+`--tool-choice required` makes the first reply a call: the server then constrains decoding to JSON that
+matches the tools' schemas, so even a 135M model's call always parses (whether it picked the right tool
+and arguments is another matter: `scripts/bench_tools.py` measures both). The same loop runs unchanged
+against Ollama (`--base-url`), whose models are trained for tool calls.
 """
 
 from __future__ import annotations
@@ -37,7 +52,7 @@ import time
 from dataclasses import dataclass, replace
 
 from dlnotes.errors import UserError
-from dlnotes.flags import require_positive
+from dlnotes.flags import require_choice, require_positive
 from dlnotes.launch import cli
 from dlnotes.tracking import Run
 
@@ -61,11 +76,27 @@ class Config:
     device: str = "auto"  # where the embedded server runs the model: auto | cpu | cuda | mps
     seed: int = 0  # sent with each request: the same seed and prompt give the same sampled reply
     out: str = "runs"  # the transcript and per-turn speed go under OUT/llm-chat/
+    tools: str = ""  # local tools the model may call: all, or some of calculator,recipe_info,find_recipes
+    tool_choice: str = "auto"  # auto: the model decides; required: its first reply must be a call (constrained)
+    tool_rounds: int = 3  # call -> result rounds per question before the model must answer in words
 
     def __post_init__(self) -> None:
-        require_positive(self, "max_tokens", "top_p")
+        require_positive(self, "max_tokens", "top_p", "tool_rounds")
+        require_choice(self, "tool_choice", ("auto", "required", "none"))
         if self.temperature < 0:
             raise UserError(f"--temperature must be 0 or more, got {self.temperature}.")
+        tool_names(self.tools)  # an unknown name is one line now, not after the model loads
+
+
+def tool_names(tools: str) -> list[str]:
+    """`--tools` as a list of names: "all" is every local tool."""
+    from dlnotes.llm.toolbox import NAMES
+
+    names = list(NAMES) if tools.strip() == "all" else [t.strip() for t in tools.split(",") if t.strip()]
+    unknown = [n for n in names if n not in NAMES]
+    if unknown:
+        raise UserError(f"--tools: there is no tool '{unknown[0]}'; the tools are {', '.join(NAMES)} (or all).")
+    return names
 
 
 # --- one turn of chat -----------------------------------------------------------------------------------------
@@ -73,12 +104,10 @@ class Config:
 
 def chat_turn(client, model: str, history: list[dict], cfg: Config, seed: int) -> tuple[str, dict]:
     """Send the whole history, print the reply as it streams in, return it with its timings."""
-    import openai
-
     start = time.perf_counter()
     first = last = None
     pieces, usage = [], None
-    try:
+    with server_errors(client, model):
         stream = client.chat.completions.create(
             model=model, messages=history, stream=True, temperature=cfg.temperature, top_p=cfg.top_p,
             max_tokens=cfg.max_tokens, seed=seed,
@@ -93,6 +122,54 @@ def chat_turn(client, model: str, history: list[dict], cfg: Config, seed: int) -
                 first = first or last
                 pieces.append(text)
                 print(text, end="", flush=True)
+    print()
+    tokens = usage.completion_tokens if usage else len(pieces)  # some servers send no usage: count chunks
+    speed = {
+        "ttft_s": (first or time.perf_counter()) - start,  # prompt prefill + the first token
+        "tokens": tokens,
+        "tokens_per_s": (tokens - 1) / (last - first) if first and last and last > first else 0.0,
+    }
+    return "".join(pieces), speed
+
+
+def tool_turn(client, model: str, history: list[dict], cfg: Config, seed: int, tools: list[dict]) -> tuple[str, dict]:
+    """Ask, run the tools the model calls, send their results, ask again; until it answers in words or
+    `tool_rounds` rounds are spent (then it is asked once more with no tools). Not streamed: a reply that
+    may be a call is only known once it is complete (the embedded server sends it whole too)."""
+    from dlnotes.llm.toolbox import run_tool
+
+    start, tokens, calls = time.perf_counter(), 0, 0
+    for round_ in range(cfg.tool_rounds + 1):
+        offer = {"tools": tools, "tool_choice": cfg.tool_choice if round_ == 0 else "auto"}
+        with server_errors(client, model):
+            reply = client.chat.completions.create(
+                model=model, messages=history, temperature=cfg.temperature, top_p=cfg.top_p,
+                max_tokens=cfg.max_tokens, seed=seed, **(offer if round_ < cfg.tool_rounds else {}))
+        tokens += reply.usage.completion_tokens if reply.usage else 0
+        message = reply.choices[0].message
+        if not message.tool_calls:
+            break
+        history.append({"role": "assistant", "content": message.content, "tool_calls": [
+            {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
+            for c in message.tool_calls]})
+        for call in message.tool_calls:
+            result = run_tool(call.function.name, call.function.arguments)  # the model's mistakes come back as text
+            print(f"[{call.function.name}({call.function.arguments}) -> {result.splitlines()[0][:100]}]")
+            history.append({"role": "tool", "tool_call_id": call.id, "content": result})
+            calls += 1
+    print(message.content or "")
+    elapsed = time.perf_counter() - start
+    return message.content or "", {"ttft_s": elapsed, "tokens": tokens, "tokens_per_s": tokens / elapsed,
+                                   "tool_calls": calls}
+
+
+@contextlib.contextmanager
+def server_errors(client, model: str):
+    """What the server answers when it cannot serve, as one line."""
+    import openai
+
+    try:
+        yield
     except openai.APIConnectionError as err:
         raise UserError(f"Cannot reach {client.base_url}: {err.__cause__ or err}. Is the server running "
                         "(for Ollama: `ollama serve`)?") from None
@@ -103,14 +180,6 @@ def chat_turn(client, model: str, history: list[dict], cfg: Config, seed: int) -
                         f"{_message(err)}") from None
     except openai.APIStatusError as err:
         raise UserError(f"{client.base_url} answered {err.status_code}: {_message(err)}") from None
-    print()
-    tokens = usage.completion_tokens if usage else len(pieces)  # some servers send no usage: count chunks
-    speed = {
-        "ttft_s": (first or time.perf_counter()) - start,  # prompt prefill + the first token
-        "tokens": tokens,
-        "tokens_per_s": (tokens - 1) / (last - first) if first and last and last > first else 0.0,
-    }
-    return "".join(pieces), speed
 
 
 def _message(err) -> str:
@@ -166,6 +235,11 @@ def main(cfg: Config) -> dict[str, float]:
         print(f"chatting with {model} at {base_url}  run: {run.dir}")
         history = [{"role": "system", "content": cfg.system}] if cfg.system else []
         turns = []
+        tools = []
+        if cfg.tools:
+            from dlnotes.llm.toolbox import specs
+
+            tools = specs(tool_names(cfg.tools))
         with open(run.dir / "transcript.jsonl", "a", encoding="utf-8") as transcript:
             for question in [cfg.prompt] if cfg.prompt else questions():
                 if question == "/reset":
@@ -175,7 +249,10 @@ def main(cfg: Config) -> dict[str, float]:
                 history.append({"role": "user", "content": question})
                 if not cfg.prompt:
                     print("assistant> ", end="", flush=True)
-                reply, speed = chat_turn(client, model, history, cfg, seed=cfg.seed + len(turns))
+                if tools:
+                    reply, speed = tool_turn(client, model, history, cfg, cfg.seed + len(turns), tools)
+                else:
+                    reply, speed = chat_turn(client, model, history, cfg, seed=cfg.seed + len(turns))
                 history.append({"role": "assistant", "content": reply})
                 turns.append(speed)
                 run.log(step=len(turns), **speed)
@@ -184,9 +261,11 @@ def main(cfg: Config) -> dict[str, float]:
         run.close()
         return {"turns": 0}
     total = sum(t["tokens"] for t in turns)
-    return run.finish({"turns": len(turns), "tokens": total,
-                       "ttft_s": sum(t["ttft_s"] for t in turns) / len(turns),
-                       "tokens_per_s": sum(t["tokens_per_s"] * t["tokens"] for t in turns) / max(total, 1)})
+    metrics = {"turns": len(turns), "tokens": total, "ttft_s": sum(t["ttft_s"] for t in turns) / len(turns),
+               "tokens_per_s": sum(t["tokens_per_s"] * t["tokens"] for t in turns) / max(total, 1)}
+    if tools:
+        metrics["tool_calls"] = sum(t["tool_calls"] for t in turns)
+    return run.finish(metrics)
 
 
 def questions():

@@ -6,6 +6,10 @@
     sampling   logits -> a token, tokens -> text as they come, stop strings
     engine     the decoding loop behind a lock, requests waiting in line: a request -> pieces of text
     schema     the HTTP request checked field by field, OpenAI's error shape, usage, the server's Limits
+    tools      OpenAI's tools into the prompt (the chat template's way, or SmolLM2's), calls back out of the reply
+    constrained  a JSON Schema subset compiled, and a matcher over bytes: what may come next, how to finish
+    guide      the tokens a JSON reply or a forced call may take, from the matcher and the vocabulary's bytes
+    toolbox    the local tools of `llm-chat --tools`: a calculator (no eval), lookups in the catalog
     app        the FastAPI routes, streaming as server-sent events; Host/Origin/key checks, a bounded queue
     server     `dlnotes serve` and BackgroundServer: bind, load, run, stop
 

@@ -13,6 +13,10 @@ A chat request then goes: body (413 beyond `Limits.max_body`, before parsing) ->
 admission (503 with Retry-After when `Limits.queue` requests already wait) -> prompt length (400) -> its
 `Turn`: a thread that waits for the model, then decodes, handing pieces to the event loop. If the client
 goes away, streaming or not, the turn is cancelled and the model is free again at the next token.
+
+Tools: a reply that may be a tool call (`tools.offered`) is read whole before anything is sent, then
+comes back as `tool_calls` (finish_reason "tool_calls") or as content; streamed, it is one chunk of either
+(as Ollama does), since a call is only known to be one once it parses. JSON replies stream as they come.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from dlnotes.llm.schema import APIError, ChatRequest, Limits, parse_json, parse_request, usage
+from dlnotes.llm.tools import offered, parse_reply
 
 if TYPE_CHECKING:
     from dlnotes.llm.engine import Engine, Piece
@@ -92,6 +97,8 @@ def create_app(engine: Engine, api_key: str = "", limits: Limits = Limits(), bin
         deadline = time.monotonic() + limits.timeout
         try:
             ids, budget = await run_in_threadpool(engine.check_budget, req, limits.max_tokens)
+            if req.grammar is not None:
+                await run_in_threadpool(_check_grammar, engine, req, budget)
         except BaseException:
             admission.leave(None)
             raise
@@ -114,9 +121,9 @@ def create_app(engine: Engine, api_key: str = "", limits: Limits = Limits(), bin
             if turn.cancel.is_set() or not pieces:  # the client left mid-way
                 return Response(status_code=499)
             last = pieces[-1]
+            message, finish = _message("".join(p.text for p in pieces), req, last.finish_reason)
             return reply | {"object": "chat.completion", "choices": [{
-                "index": 0, "message": {"role": "assistant", "content": "".join(p.text for p in pieces)},
-                "logprobs": None, "finish_reason": last.finish_reason}],
+                "index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
                 "usage": usage(last.prompt_tokens, last.completion_tokens)}
         finally:
             watcher.cancel()
@@ -124,6 +131,29 @@ def create_app(engine: Engine, api_key: str = "", limits: Limits = Limits(), bin
                 turn.cancel.set()  # a no-op when the turn is over; else (an error here) it frees the model
 
     return app
+
+
+def _check_grammar(engine: Engine, req: ChatRequest, budget: int) -> None:
+    """A constrained reply must be writable: byte tokens to spell any JSON, and room for the shortest value."""
+    from dlnotes.llm.guide import spells, vocabulary
+
+    if not spells(vocabulary(engine.loaded.tokenizer, engine.loaded.model.config.vocab_size), req.grammar):
+        raise APIError(400, "This model's vocabulary lacks single-byte tokens that constrained decoding "
+                       "(response_format, tool_choice) needs to finish the JSON.", "response_format")
+    if budget < req.grammar.min_size:
+        raise APIError(400, f"max_tokens is {budget}; the shortest JSON the schema allows needs "
+                       f"{req.grammar.min_size}.", "max_tokens")
+
+
+def _message(text: str, req: ChatRequest, finish: str) -> tuple[dict[str, Any], str]:
+    """The reply's message and finish_reason: tool calls when the tools were offered and the text holds valid
+    ones, else the text."""
+    if offered(req):
+        content, calls = parse_reply(text, req)
+        if calls:
+            return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+        return {"role": "assistant", "content": content}, finish
+    return {"role": "assistant", "content": text}, finish
 
 
 # --- before the routes: what a browser page could forge --------------------------------------------------------
@@ -308,6 +338,7 @@ async def _events(turn: Turn, req: ChatRequest, reply: dict) -> AsyncIterator[st
         choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
         return f"data: {json.dumps(reply | {'object': 'chat.completion.chunk', 'choices': choices} | extra)}\n\n"
 
+    held: list[str] | None = [] if offered(req) else None  # a reply that may be a tool call is sent whole
     try:
         yield chunk({"role": "assistant", "content": ""})
         while True:
@@ -319,9 +350,19 @@ async def _events(turn: Turn, req: ChatRequest, reply: dict) -> AsyncIterator[st
             if piece is END:
                 break
             if piece.finish_reason is None:
-                yield chunk({"content": piece.text})
+                if held is None:
+                    yield chunk({"content": piece.text})
+                else:
+                    held.append(piece.text)
             else:
-                yield chunk({}, piece.finish_reason)
+                finish = piece.finish_reason
+                if held is not None:
+                    message, finish = _message("".join(held), req, finish)
+                    if message.get("tool_calls"):
+                        yield chunk({"tool_calls": [{"index": k} | c for k, c in enumerate(message["tool_calls"])]})
+                    elif message["content"]:
+                        yield chunk({"content": message["content"]})
+                yield chunk({}, finish)
                 if req.include_usage:  # OpenAI's stream_options: one last chunk with no choices, only usage
                     yield chunk(None, usage=usage(piece.prompt_tokens, piece.completion_tokens))
         yield "data: [DONE]\n\n"

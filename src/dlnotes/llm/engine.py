@@ -3,7 +3,8 @@
 The loop is written out (no `model.generate`): prefill the prompt once, then one token per forward pass
 reusing the KV cache (`decoders`), sampling with temperature and top-p, decoding text incrementally so
 multi-byte characters are never cut, and holding back text that might be the start of a stop string
-(`sampling`). Requests take turns: one model, one KV cache at a time; a second request waits for the first
+(`sampling`); a request that asks for JSON or a tool call picks only tokens that keep it valid (`guide`,
+`tools`). Requests take turns: one model, one KV cache at a time; a second request waits for the first
 instead of mixing its tokens into it, and waiting requests are served in order of arrival.
 
     engine = Engine(load(...))
@@ -30,9 +31,11 @@ from dataclasses import dataclass
 import torch
 
 from dlnotes.llm.decoders import decoder_for
+from dlnotes.llm.guide import Guide, vocabulary
 from dlnotes.llm.models import LoadedModel
 from dlnotes.llm.sampling import Detokenizer, StopStrings, sample
 from dlnotes.llm.schema import APIError, ChatRequest
+from dlnotes.llm.tools import chat_prompt
 
 
 @dataclass
@@ -63,7 +66,7 @@ class Engine:
         self.max_token_chars = max(len(t) for t in loaded.tokenizer.get_vocab())
 
     def prompt_ids(self, req: ChatRequest) -> list[int]:
-        text = self.loaded.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
+        text = chat_prompt(self.loaded.tokenizer, req)  # the chat template, with the tools when there are some
         return self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has the specials
 
     def check_budget(self, req: ChatRequest, max_tokens: int | None = None) -> tuple[list[int], int]:
@@ -76,7 +79,7 @@ class Engine:
                            "max_tokens", "context_length_exceeded")
         if req.max_tokens is not None and req.max_tokens > cap:
             raise APIError(400, f"max_tokens is {req.max_tokens}; this server allows at most {cap}.", "max_tokens")
-        chars = sum(len(m["content"]) for m in req.messages)
+        chars = sum(len(m["content"]) for m in req.messages) + req.tool_chars
         if chars > context * self.max_token_chars:
             raise APIError(400, f"The messages are {chars} characters, far more than the model's context of "
                            f"{context} tokens. Shorten the messages.", "messages", "context_length_exceeded")
@@ -145,8 +148,12 @@ class Engine:
         text, stops = Detokenizer(tokenizer), StopStrings(req.stop)
         finish, hit_stop = "length", False
         logits = decoder.prefill(ids, max_len=len(ids) + budget)  # (V,): the whole prompt in one pass
+        guide = None if req.grammar is None else Guide(req.grammar, vocabulary(tokenizer, len(logits)))
         while not cancel.is_set() and time.monotonic() < deadline:
-            token = sample(logits, req.temperature, req.top_p, generator)
+            if guide is None:
+                token = sample(logits, req.temperature, req.top_p, generator)
+            else:  # only tokens that keep the JSON valid and finishable in the tokens left
+                token = guide.pick(logits, req.temperature, req.top_p, generator, budget - len(out))
             if token in self.eos:
                 finish = "stop"
                 break
@@ -155,6 +162,9 @@ class Engine:
             if safe:
                 yield Piece(safe)
             if hit_stop:  # the reply ends just before the stop string
+                finish = "stop"
+                break
+            if guide is not None and guide.done:  # the JSON is complete: nothing may follow it
                 finish = "stop"
                 break
             if len(out) == budget:

@@ -1,7 +1,11 @@
 """The HTTP schema of /v1/chat/completions: the request checked the way OpenAI checks it, and errors in its shape.
 
     request   {"model", "messages": [{"role", "content"}], "max_tokens" | "max_completion_tokens",
-               "temperature", "top_p", "stop", "seed", "n": 1, "stream", "stream_options": {"include_usage"}}
+               "temperature", "top_p", "stop", "seed", "n": 1, "stream", "stream_options": {"include_usage"},
+               "tools": [{"type": "function", "function": {"name", "description", "parameters"}}],
+               "tool_choice": "none" | "auto" | "required" | {"type": "function", "function": {"name"}},
+               "parallel_tool_calls", "response_format": {"type": "text" | "json_object" | "json_schema"}}
+              messages may carry an assistant's "tool_calls" and the "tool" results ("tool_call_id", "content")
     error     {"error": {"message", "type", "param", "code"}} with a 4xx status (APIError)
     usage     {"prompt_tokens", "completion_tokens", "total_tokens"}
     limits    what the server accepts (`Limits`, the flags of `dlnotes serve`)
@@ -9,6 +13,8 @@
 Every problem with a request is a 4xx naming the field (404 for an unknown model), never a 500 and never an
 exception's own text, and the server keeps serving. The body is parsed by `parse_json`, which refuses deep
 nesting before Python's recursive parser sees it, and NaN, Infinity or numbers too large for a float.
+A schema (tool parameters, `json_schema`) outside what constrained decoding supports is a 400 naming the
+keyword (`constrained` lists the subset); so is a tool call's `arguments` text that is not a JSON object.
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-ROLES = {"system", "developer", "user", "assistant"}  # developer is OpenAI's newer name for system
+from dlnotes.llm.constrained import Node, SchemaError, compile_schema
+
+ROLES = {"system", "developer", "user", "assistant", "tool"}  # developer is OpenAI's newer name for system
 MAX_STOPS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 64  # the text held back and searched each token is at most this long (a stop is a few characters)
 MAX_DEPTH = 32  # JSON nesting: a chat request is 4 deep ({"messages": [{"content": [{...}]}]})
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,13 @@ class ChatRequest:
     seed: int | None = None
     stream: bool = False
     include_usage: bool = False
+    tools: list[dict[str, Any]] = field(default_factory=list)  # the "function" objects: name, description, parameters
+    tool_nodes: dict[str, Node] = field(default_factory=dict)  # each tool's parameters, compiled
+    tool_choice: str = "none"  # none | auto | required | function (the one named tool_name)
+    tool_name: str = ""
+    parallel_tool_calls: bool = True  # False: a forced reply holds one call
+    grammar: Node | None = None  # what the reply must be (constrained decoding); None: free text
+    tool_chars: int = 0  # characters of tools and tool calls, for the prompt's cheap length bound
 
 
 def parse_json(body: bytes) -> Any:
@@ -128,17 +144,33 @@ def parse_request(body: Any, served: str) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list of {role, content} objects.", "messages")
-    chat = []
+    chat, calls = [], set()  # calls: ids of the latest assistant tool calls, which tool messages answer
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise APIError(400, f"messages[{i}] must be an object with a role and a content.", f"messages[{i}]")
         role = message.get("role")
         if not isinstance(role, str) or role not in ROLES:
-            raise APIError(400, f"messages[{i}].role is {_show(role)}; use one of system, user, assistant.",
+            raise APIError(400, f"messages[{i}].role is {_show(role)}; use one of system, user, assistant, tool.",
                            f"messages[{i}].role")
-        chat.append({"role": "system" if role == "developer" else role,
-                     "content": _text_content(message.get("content"), i)})
+        entry = {"role": "system" if role == "developer" else role}
+        if role == "assistant" and message.get("tool_calls") is not None:
+            entry["tool_calls"] = _tool_calls(message["tool_calls"], i)
+            content = message.get("content")
+            entry["content"] = "" if content is None else _text_content(content, i)
+            calls = {c["id"] for c in entry["tool_calls"]}
+        else:
+            entry["content"] = _text_content(message.get("content"), i)
+            if role == "tool":
+                answered = message.get("tool_call_id")
+                if not isinstance(answered, str) or answered not in calls:
+                    raise APIError(400, f"messages[{i}] has role 'tool' but its tool_call_id {_show(answered)} is "
+                                   "not a call of the assistant message before it.", f"messages[{i}].tool_call_id")
+                entry["tool_call_id"] = answered
+            else:
+                calls = set()
+        chat.append(entry)
     req = ChatRequest(messages=chat)
+    _tools(body, req)
     req.max_tokens = _number(body, "max_completion_tokens", int, None) or _number(body, "max_tokens", int, None)
     if req.max_tokens is not None and req.max_tokens <= 0:
         raise APIError(400, f"max_tokens must be at least 1, got {req.max_tokens}.", "max_tokens")
@@ -167,6 +199,120 @@ def parse_request(body: Any, served: str) -> ChatRequest:
         raise APIError(400, "stream_options must be an object, like {\"include_usage\": true}.", "stream_options")
     req.include_usage = _flag(options or {}, "include_usage", "stream_options.include_usage")
     return req
+
+
+def _tools(body: dict, req: ChatRequest) -> None:
+    """tools, tool_choice, parallel_tool_calls and response_format into `req`, with the grammar they imply."""
+    from dlnotes.llm.tools import calls_schema, forced
+
+    tools = body.get("tools")
+    shape = 'tools must be a list of {"type": "function", "function": {"name", "description", "parameters"}}.'
+    if tools is not None and (not isinstance(tools, list) or not tools):
+        raise APIError(400, shape, "tools")
+    for k, tool in enumerate(tools or []):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or tool.get("type", "function") != "function":
+            raise APIError(400, shape, f"tools[{k}]")
+        name, parameters = function.get("name"), function.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise APIError(400, f"tools[{k}].function.name is {_show(name)}; a name is 1-64 letters, digits, _ or -.",
+                           f"tools[{k}].function.name")
+        if any(t["name"] == name for t in req.tools):
+            raise APIError(400, f"tools[{k}].function.name '{name}' is given twice.", f"tools[{k}].function.name")
+        description = function.get("description", "")
+        if not isinstance(description, str) or not isinstance(parameters, dict):
+            raise APIError(400, f"tools[{k}].function needs a string description and an object of parameters.",
+                           f"tools[{k}].function")
+        req.tools.append({"name": name, "description": description, "parameters": parameters})
+    req.tool_chars = len(json.dumps(req.tools)) + sum(len(json.dumps(m.get("tool_calls", ""))) for m in req.messages)
+    _tool_choice(body.get("tool_choice"), req)
+    req.parallel_tool_calls = body.get("parallel_tool_calls") is None or _flag(body, "parallel_tool_calls")
+    for k, tool in enumerate(req.tools):  # strict where the reply is constrained: every keyword must be enforced
+        req.tool_nodes[tool["name"]] = _compile(tool["parameters"], f"tools[{k}].function.parameters",
+                                                strict=forced(req))
+    if forced(req):
+        req.grammar = _compile(calls_schema(req), "tools")
+    fmt = _response_format(body.get("response_format"))
+    if fmt is not None and req.grammar is None and req.tool_choice == "none":  # with "auto" the reply may be a call
+        req.grammar = fmt
+
+
+def _tool_choice(choice: Any, req: ChatRequest) -> None:
+    names = [t["name"] for t in req.tools]
+    if choice is None or choice in ("none", "auto"):
+        req.tool_choice = "none" if not req.tools else choice or "auto"
+        return
+    if not req.tools:
+        raise APIError(400, "tool_choice needs tools: give the functions the model may call.", "tool_choice")
+    if choice == "required":
+        req.tool_choice = "required"
+        return
+    function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise APIError(400, 'tool_choice must be "none", "auto", "required" or {"type": "function", "function": '
+                       '{"name": ...}}.', "tool_choice")
+    if name not in names:
+        raise APIError(400, f"tool_choice names the function {_show(name)}, which is not among the tools "
+                       f"({', '.join(names)}).", "tool_choice")
+    req.tool_choice, req.tool_name = "function", name
+
+
+def _response_format(fmt: Any) -> Node | None:
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if fmt is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return _compile({"type": "object"}, "response_format")
+    spec = fmt.get("json_schema") if kind == "json_schema" else None
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise APIError(400, 'response_format must be {"type": "text"}, {"type": "json_object"} or {"type": '
+                       '"json_schema", "json_schema": {"name": ..., "schema": {...}}}.', "response_format")
+    node = _compile(spec["schema"], "response_format.json_schema.schema")
+    if node.kind != "object":
+        raise APIError(400, "The root of response_format's schema must be an object ({\"type\": \"object\", ...}).",
+                       "response_format.json_schema.schema")
+    return node
+
+
+def _compile(schema: Any, where: str, strict: bool = True) -> Node:
+    try:
+        return compile_schema(schema, where, strict)
+    except SchemaError as err:
+        raise APIError(400, f"{err}.", err.where.split(".properties")[0], "unsupported_schema") from None
+    except RecursionError:
+        raise APIError(400, f"{where} nests too deeply.", where) from None
+
+
+def _tool_calls(calls: Any, i: int) -> list[dict[str, Any]]:
+    """An assistant message's tool_calls, checked; each call's arguments must be the text of a JSON object."""
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list) or not calls:
+        raise APIError(400, f'{where} must be a non-empty list of {{"id", "type": "function", "function": {{"name", '
+                       '"arguments"}}}}.', where)
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if (not isinstance(function, dict) or not isinstance(call.get("id"), str)
+                or call.get("type", "function") != "function" or not isinstance(function.get("name"), str)
+                or not isinstance(function.get("arguments"), str)):
+            raise APIError(400, f'{where}[{j}] must be {{"id": "...", "type": "function", "function": {{"name": '
+                           '"...", "arguments": "{...}"}}}} with arguments as a JSON string.', f"{where}[{j}]")
+        text = function["arguments"]
+        try:
+            if _too_deep(text):
+                raise ValueError("nested too deeply")
+            arguments = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+        except (ValueError, RecursionError, APIError) as err:
+            why = err.message if isinstance(err, APIError) else str(err).split(":")[0]
+            raise APIError(400, f"{where}[{j}].function.arguments is not JSON ({why}): {_show(text)}.",
+                           f"{where}[{j}].function.arguments") from None
+        if not isinstance(arguments, dict):
+            raise APIError(400, f"{where}[{j}].function.arguments must be a JSON object, got {_show(text)}.",
+                           f"{where}[{j}].function.arguments")
+        out.append({"id": call["id"], "type": "function",
+                    "function": {"name": function["name"], "arguments": text}})
+    return out
 
 
 def _show(value: Any) -> str:
