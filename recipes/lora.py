@@ -293,6 +293,7 @@ def main(cfg: Config) -> dict[str, float]:
     data = load_text_classification("rotten-tomatoes")
     tokenizer, lm = load_model(cfg, device)
     prompts = Prompts(tokenizer, data.label_names, cfg.max_length)
+    model = add_lora(lm, cfg)  # before the run directory: a wrong --targets leaves nothing behind
     run = Run(__file__, cfg, device)
     train_texts, train_labels = data.splits["train"]
     val_texts, val_labels = (c[: cfg.val_limit] for c in data.splits["validation"])
@@ -303,7 +304,6 @@ def main(cfg: Config) -> dict[str, float]:
     print(f"model: {'tiny random llama' if cfg.tiny else cfg.model or 'SmolLM2-135M-Instruct'}  device: {device}  "
           f"precision: {precision}  test reviews: {len(test_texts)}  run: {run.dir}")
 
-    model = add_lora(lm, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"LoRA r={cfg.rank} alpha={cfg.alpha} on {cfg.targets}: trainable parameters {trainable:,} of {total:,} "
@@ -314,6 +314,7 @@ def main(cfg: Config) -> dict[str, float]:
     resume_at = run.attach(AdapterWeights(model), optimizer, None, generator, extra=lambda: {"results": results})
     if run.restored_extra:
         results = run.restored_extra["results"]
+    resumed_phase, resumed_batch = resume_at.epoch, resume_at.batch  # copies: the Position moves as steps are done
 
     # --- prompting: zero-shot, then k-shot with k chosen on validation (adapter off) -------------------------
     if "zeroshot_test_acc" not in results:
@@ -337,14 +338,14 @@ def main(cfg: Config) -> dict[str, float]:
     start = time.perf_counter()
     questions = [prompts.question([], t) for t in test_texts]
     model.train()
-    for phase in range(resume_at.epoch, len(sizes) + 1):
+    for phase in range(resumed_phase, len(sizes) + 1):
         n = sizes[phase - 1]
-        if not (phase == resume_at.epoch and resume_at.batch > 0):  # not resumed in the middle of this size
+        if not (phase == resumed_phase and resumed_batch > 0):  # not resumed in the middle of this size
             reset_adapter(model, cfg.seed)
             optimizer.state.clear()  # AdamW's moments belong to the previous adapter
         batches = phase_batches(n, cfg, phase)
         for i, batch in enumerate(run.steps(batches, total=len(batches), desc=f"LoRA on {n} reviews")):
-            done = i + (resume_at.batch if phase == resume_at.epoch else 0)
+            done = i + (resumed_batch if phase == resumed_phase else 0)  # steps of this size done before
             for group in optimizer.param_groups:  # 10 % warm-up, then linear decay to 0, set from the position
                 group["lr"] = cfg.lr * min((done + 1) / max(1, len(batches) // 10), (len(batches) - done) /
                                            len(batches))
