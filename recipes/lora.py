@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from dlnotes.catalog import recipe_id
+from dlnotes.datasets import epoch_generator
 from dlnotes.device import pick_device, seed_everything
 from dlnotes.errors import UserError
 from dlnotes.flags import require_positive
@@ -265,8 +266,6 @@ def reset_adapter(model, seed: int) -> None:
 
 def phase_batches(n: int, cfg: Config, phase: int) -> list[torch.Tensor]:
     """Batches of indices into the first n reviews: --epochs passes, repeated until --min-steps steps."""
-    from dlnotes.datasets import epoch_generator
-
     steps = max(cfg.min_steps, math.ceil(cfg.epochs * n / cfg.batch_size))
     generator = epoch_generator(cfg.seed, phase)  # a function of (seed, phase): a resume redraws the same
     order = torch.cat([torch.randperm(n, generator=generator) for _ in range(math.ceil(steps * cfg.batch_size / n))])
