@@ -135,8 +135,9 @@ def test_smoke_run_writes_a_merged_model_that_predict_and_serve_load(smoke, lora
     assert served.name == "merged" and served.tokenizer.chat_template
 
 
-def test_interrupted_and_resumed_run_ends_with_the_same_adapter(lora, tmp_path: Path, monkeypatch) -> None:
-    """Ctrl-C inside the second training size (step 5 of 3 + 4), then --resume: same metrics, same merged weights."""
+def test_interrupted_and_resumed_run_ends_with_the_same_adapter(smoke, lora, tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C inside the second training size (step 5 of 3 + 4), then --resume: the metrics and merged weights of
+    the uninterrupted smoke run with the same config."""
     from safetensors.torch import load_file
 
     info = catalog.get("lora")
@@ -144,8 +145,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_adapter(lora, tmp_path: 
     def config(out: Path):
         return lora.Config(**catalog.config_values(info, smoke=True, device="cpu", out=str(out)))
 
-    lora.main(config(tmp_path / "a"))
-    reference = latest_run(tmp_path / "a", "lora")
+    _, reference = smoke
     calls, update = 0, Run.update
 
     def update_then_ctrl_c(self, samples, **values):
@@ -188,10 +188,12 @@ def test_bad_flags_are_one_line(flags: list[str], fragment: str, invoke, out_dir
     assert_one_line_error(invoke("run", "lora", *flags, "--out", out_dir), fragment)
 
 
-def test_predict_bad_inputs_are_one_line(smoke, invoke, smoke_run, tmp_path: Path) -> None:
+def test_predict_bad_inputs_are_one_line(smoke, invoke, tmp_path: Path) -> None:
     _, run_dir = smoke
     assert_one_line_error(invoke("predict", "lora", "--run", run_dir, "  "), "non-empty reviews")
-    _, mlp_dir = smoke_run("mlp")
+    mlp_dir = tmp_path / "mlp-run"
+    mlp_dir.mkdir()
+    (mlp_dir / "config.json").write_text(json.dumps({"config": {"epochs": 1}, "meta": {"recipe": "mlp"}}))
     assert_one_line_error(invoke("predict", "lora", "--run", mlp_dir, "good"), "is a run of 'mlp', not 'lora'")
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
