@@ -28,8 +28,8 @@ better of the two. Which images: N // 10 of each class, the same ones the resnet
 
 Why Fashion-MNIST: no registry package ships a real photo classification set (the CIFAR packages on PyPI
 download at run time); Fashion-MNIST ships in Debian. Why 32 px: EfficientNet's cost grows with the pixels,
-and on a few CPU cores 224 px would take hours for thousands of images; pretrained features still help at
-32 px, though less than at their native size (`--image-size 64` costs 4x). `--weights resnet18` uses
+and on a few CPU cores 224 px would take hours for thousands of images. ImageNet features were learnt at
+224 px; how much of them survives at 32 px is what the learning curve measures (`--image-size 64` costs 4x). `--weights resnet18` uses
 torchvision's ImageNet ResNet-18 instead (downloaded: it needs a network; no registry package ships it).
 """
 
