@@ -17,7 +17,8 @@ gradients into pretrained layers):
     1. linear probe     only `head` learns, on pooled features computed once: (N, 1280), cached
     2. last stage       `last` + `head` learn, on `early`'s outputs computed once: (N, 112, S/16, S/16), cached
     3. full fine-tune   everything learns, on augmented images, with a 10x smaller learning rate
-       frozen parts stay in eval mode: their batch-norm statistics must not move either
+       frozen parts stay in eval mode: their batch-norm statistics must not move either; in fine-tuning
+       batch norm keeps ImageNet's statistics too, or the features would jump when stage 3 begins
 
 Caching is what makes 1 and 2 cheap on a CPU (a frozen part gives the same output every epoch); its price is
 no augmentation there. The learning curve repeats this for 100, 1,000 (and with `--labels 100,1000,all`
@@ -29,8 +30,9 @@ better of the two. Which images: N // 10 of each class, the same ones the resnet
 Why Fashion-MNIST: no registry package ships a real photo classification set (the CIFAR packages on PyPI
 download at run time); Fashion-MNIST ships in Debian. Why 32 px: EfficientNet's cost grows with the pixels,
 and on a few CPU cores 224 px would take hours for thousands of images. ImageNet features were learnt at
-224 px; how much of them survives at 32 px is what the learning curve measures (`--image-size 64` costs 4x). `--weights resnet18` uses
-torchvision's ImageNet ResNet-18 instead (downloaded: it needs a network; no registry package ships it).
+224 px; how much of them survives at 32 px is what the learning curve measures (`--image-size 64` costs 4x).
+`--weights resnet18` uses torchvision's ImageNet ResNet-18 instead (downloaded: it needs a network; no registry
+package ships it).
 """
 
 from __future__ import annotations
@@ -188,13 +190,22 @@ class TransferNet(nn.Module):
 
 
 def set_trainable(net: TransferNet, stage: str) -> list[nn.Parameter]:
-    """Which parts learn in each stage: probe = head, last = last stage + head, all = everything. A frozen part
-    is also put in eval mode, or its batch-norm running statistics would still move while its weights stand."""
-    learning = {"probe": (net.head,), "last": (net.last, net.head), "all": (net.early, net.last, net.head)}[stage]
-    for part in (net.early, net.last, net.head):
+    """Which parts learn: probe = head; last = last stage + head; finetune and scratch = everything. A frozen
+    part is also put in eval mode, or its batch-norm running statistics would still move while its weights stand.
+    In fine-tuning every batch norm keeps normalising with the pretrained statistics (eval mode) while its scale
+    and shift learn: in train mode it would use each batch's statistics of the new images instead, the features
+    the head was just trained on would jump, and the loss with them. From scratch there is nothing to keep."""
+    everything = (net.early, net.last, net.head)
+    learning = {"probe": (net.head,), "last": (net.last, net.head), "finetune": everything,
+                "scratch": everything}[stage]
+    for part in everything:
         learns = any(part is p for p in learning)
         part.train(learns)
         part.requires_grad_(learns)
+    if stage == "finetune":
+        for module in net.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     return [p for part in learning for p in part.parameters()]
 
 
@@ -324,7 +335,7 @@ def main(cfg: Config) -> dict[str, float]:
             params, lr, steps = set_trainable(net, "last"), cfg.lr_last, cfg.last_steps
         else:
             inputs, test_inputs = train_x, test_x
-            params = set_trainable(net, "all")
+            params = set_trainable(net, stage)
             lr, steps = (cfg.lr_finetune, cfg.finetune_steps) if stage == "finetune" else (cfg.lr_scratch,
                                                                                            cfg.scratch_steps)
         forward = stage_forward(net, stage, cfg.image_size)

@@ -95,7 +95,7 @@ def test_the_cut_network_computes_what_the_original_does() -> None:
 @pytest.mark.parametrize("stage, frozen, learning", [
     ("probe", ("early", "last"), ("head",)),
     ("last", ("early",), ("last", "head")),
-    ("all", (), ("early", "last", "head")),  # the control: without freezing, the early layers do change
+    ("scratch", (), ("early", "last", "head")),  # the control: without freezing, the early layers do change
 ])
 def test_frozen_parts_do_not_change_in_a_training_step(stage: str, frozen: tuple, learning: tuple) -> None:
     """One AdamW step through the whole network: frozen parts keep every weight and batch-norm statistic."""
@@ -114,6 +114,21 @@ def test_frozen_parts_do_not_change_in_a_training_step(stage: str, frozen: tuple
     for name in learning:
         after = getattr(net, name).state_dict()
         assert any(not torch.equal(after[k], v) for k, v in before[name].items()), f"{name} did not learn"
+
+
+def test_fine_tuning_keeps_the_pretrained_batch_norm_statistics() -> None:
+    """Everything learns, but each batch norm normalises with its running statistics: the same images give the
+    same features in training mode as in evaluation, so the loss does not jump when fine-tuning begins."""
+    net = transfer.TransferNet(transfer.imagenet_model("efficientnet-lite0", 32), classes=10)
+    x = transfer.fashion_inputs(torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)), 32)
+    net.eval()
+    with torch.no_grad():
+        evaluated = net.last(net.early(x))  # (16, 1280)
+        params = transfer.set_trainable(net, "finetune")
+        assert len(params) == len(list(net.parameters())) and all(p.requires_grad for p in params)
+        torch.testing.assert_close(net.last(net.early(x)), evaluated)
+        transfer.set_trainable(net, "scratch")  # the control: batch statistics give other features
+        assert not torch.allclose(net.last(net.early(x)), evaluated, atol=1e-3)
 
 
 def test_label_subsets_are_stratified_nested_and_refused_when_too_large() -> None:
