@@ -17,6 +17,9 @@ creating the outer Run, so that a Ctrl-C during the inner training stops the inn
 checkpoint that can be resumed) and the outer one has nothing to save yet.
 
 A run directory the user names (say `--judge-run DIR`) is checked with `given_run(DIR, "cnn-mnist", flag)`.
+A reference run with other flags than the defaults (resnet trained on 100 labels, to compare with fine-tuning on
+the same 100) comes from `run_with("resnet", out, device, train_labels=100)`: the newest finished run whose
+config is the defaults plus those flags, met its target or not, else one trained now with them.
 """
 
 from __future__ import annotations
@@ -107,6 +110,29 @@ def met_run_or_train(recipe: str, out: str | Path, device: str = "auto") -> Used
     return used
 
 
+def run_with(recipe: str, out: str | Path, device: str = "auto", **flags: Any) -> UsedRun:
+    """The newest finished run of `recipe` under `out` whose config is its defaults with `flags` (device, out and
+    seed aside), whether it met its target or not; when there is none, train one with them first, as
+    `python recipes/ID.py --out OUT --device DEVICE --train-labels 100` would. For a single-process caller."""
+    info = catalog.get(recipe)
+    unknown = [name for name in flags if info.field(name) is None]
+    if unknown:
+        raise UserError(f"Recipe '{recipe}' has no flag --{unknown[0].replace('_', '-')}.")
+    wanted = {k: v for k, v in catalog.config_values(info, **flags).items() if k not in ("device", "out", "seed")}
+    for used in finished_runs(out, recipe):
+        if _config_matches(used.dir, wanted):
+            return used
+    return _train_with_defaults(recipe, Path(out), device, flags, require_met=False)
+
+
+def _config_matches(run_dir: Path, wanted: dict[str, Any]) -> bool:
+    try:
+        config = json.loads((run_dir / "config.json").read_text())["config"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    return all(config.get(name) == value for name, value in wanted.items())
+
+
 def given_run(run_dir: str | Path, recipe: str, flag: str = "--run") -> UsedRun:
     """A run directory named on the command line (`flag`), checked to be a finished run of `recipe`. Whether
     it met its target is recorded, not required: the user chose it."""
@@ -126,16 +152,23 @@ def given_run(run_dir: str | Path, recipe: str, flag: str = "--run") -> UsedRun:
     return used
 
 
-def _train_with_defaults(recipe: str, out: Path, device: str) -> UsedRun:
+def _train_with_defaults(recipe: str, out: Path, device: str, flags: dict[str, Any] | None = None,
+                         require_met: bool = True) -> UsedRun:
     info = catalog.get(recipe)
     if info.field("out") is None:
         raise UserError(f"Recipe '{recipe}' writes no run directory (no --out flag): there is no run to use.")
     target = f" ({info.target})" if info.target else ""
-    print(f"note: no run of {recipe} under {out} met its target{target}; training one with its defaults first.",
-          flush=True)
     command = [sys.executable, str(info.path), "--out", str(out)]
     if info.field("device") is not None:
         command += ["--device", device]
+    for name, value in (flags or {}).items():
+        flag = "--" + name.replace("_", "-")
+        command += [flag if value else f"--no-{flag[2:]}"] if isinstance(value, bool) else [flag, str(value)]
+    if flags:
+        print(f"note: no run of {recipe} under {out} with {' '.join(command[3:])}; training one first.", flush=True)
+    else:
+        print(f"note: no run of {recipe} under {out} met its target{target}; training one with its defaults first.",
+              flush=True)
     code = _run_child(command, {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV
                                 and not k.startswith("TORCHELASTIC_")})
     if code == TrainingInterrupted.exit_code:
@@ -143,6 +176,11 @@ def _train_with_defaults(recipe: str, out: Path, device: str) -> UsedRun:
                                   f"train it anew, or resume that run as printed above and then run this again.")
     if code != 0:
         raise UserError(f"Training {recipe} with its defaults failed (exit code {code}; its error is above).")
+    if not require_met:  # the run just trained is the newest finished one
+        newest = next(iter(finished_runs(out, recipe)), None)
+        if newest is None:
+            raise UserError(f"Training {recipe} wrote no summary.json under {out}.")
+        return UsedRun(newest.recipe, newest.dir, newest.metric, newest.value, newest.target_met, trained_now=True)
     used = newest_met_run(out, recipe)
     if used is None:
         newest = next(iter(finished_runs(out, recipe)), None)
