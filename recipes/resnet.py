@@ -56,7 +56,7 @@ from dlnotes.launch import cli
 from dlnotes.plots import plot_confusion_matrix, plot_image_grid
 from dlnotes.speedups import autocast, compile_model, grad_scaler, resolve_precision
 from dlnotes.tracking import Run
-from dlnotes.transforms import random_affine, standardize
+from dlnotes.transforms import MNIST_MEAN, MNIST_STD, standardize
 
 TAGS = ("vision", "classification", "cnn", "resnet")
 DATASET = "Fashion-MNIST (60k/10k from Debian's package, else the shipped 6k/2k subset)"
@@ -72,8 +72,8 @@ class Config:
     arch: str = "resnet"  # resnet | plain | vgg: the same depth and width, with or without the skip connection
     blocks: int = 1  # blocks per stage; weight layers = 6 * blocks + 2 (8 here: ResNet-8)
     width: int = 16  # channels of stage 1, doubled at stages 2 and 3: 28x28 images need no more
-    zero_init: bool = True  # last BN scale = 0 in each residual block: every block starts as the identity
-    epochs: int = 6  # on the full 60k: past the target with a margin (README has the curve)
+    zero_init: bool = False  # last BN scale = 0 in each block: each starts as the identity (slow with Adam: notes)
+    epochs: int = 4  # on the full 60k: reaches the target (README has the curve and the time)
     batch_size: int = 128  # fewer Python steps per epoch than 64 on a CPU
     lr: float = 3e-3  # one-cycle peak learning rate for AdamW
     weight_decay: float = 5e-4  # AdamW's decoupled decay: a light pull on the weights
@@ -153,11 +153,18 @@ def build_model(arch: str = "resnet", width: int = 16, blocks: int = 2, num_clas
     return model
 
 
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Flip half the batch left-right (clothes are symmetric enough), then shift each image by up to 2 px."""
-    flip = (torch.rand(len(images), generator=generator) < 0.5).to(images.device)  # (B,)
+def augment(images: torch.Tensor, generator: torch.Generator, shift: int = 2) -> torch.Tensor:
+    """Flip half the batch left-right (clothes are symmetric enough), then shift each image by up to `shift`
+    whole pixels (pad with background, crop back to 28x28): whole pixels, so no interpolation blurs the edges."""
+    batch, _, height, width = images.shape
+    flip = (torch.rand(batch, generator=generator) < 0.5).to(images.device)  # (B,)
     images = torch.where(flip[:, None, None, None], images.flip(3), images)
-    return random_affine(images, generator, degrees=0.0, scale=0.0, shift_px=2.0)
+    padded = F.pad(images, (shift,) * 4, value=-MNIST_MEAN / MNIST_STD)  # (B, 1, H + 4, W + 4); 0 standardised
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, batch, 1), generator=generator).to(images.device)  # (B, 1) each
+    rows = (dy + torch.arange(height, device=images.device))[:, :, None]  # (B, H, 1)
+    cols = (dx + torch.arange(width, device=images.device))[:, None, :]  # (B, 1, W)
+    batch_idx = torch.arange(batch, device=images.device)[:, None, None]
+    return padded[batch_idx, :, rows, cols].permute(0, 3, 1, 2)  # (B, H, W, 1) -> (B, 1, H, W)
 
 
 @torch.no_grad()

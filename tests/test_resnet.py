@@ -108,7 +108,9 @@ def test_an_altered_subset_file_is_refused(tmp_path: Path, monkeypatch: pytest.M
     copy = tmp_path / "fashion-mnist-subset"
     shutil.copytree(data_root() / "fashion-mnist-subset", copy)
     labels = copy / "t10k-labels-idx1-ubyte.gz"
-    labels.write_bytes(labels.read_bytes()[:-1] + b"\0")
+    damaged = bytearray(labels.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    labels.write_bytes(bytes(damaged))
     monkeypatch.setattr("dlnotes.datasets.data_root", lambda: tmp_path)
     with pytest.raises(DataError, match="does not match its sha256"):
         load_fashion_mnist("subset")
