@@ -9,14 +9,15 @@ out of a ReLU) and a deep ResNet starts as the shallow network its stem and head
     x ─┬─ conv3x3 ─ BN ─ ReLU ─ conv3x3 ─ BN ── z ─(+)─ ReLU ─>      z + x
        └──────────── (1x1 conv + BN when the shape changes) ──┘      the shortcut
 
-`--zero-init` (default) sets the last BN's scale to 0 in every block (Goyal et al., 2017), so every block
-starts as exactly that identity.
+`--zero-init` sets the last BN's scale to 0 in every block (Goyal et al., 2017), so every block starts as
+exactly that identity. With SGD that costs nothing; Adam moves each weight by about lr per step, so a scale
+starting at 0 keeps its block nearly silent for hundreds of steps: off by default here.
 
-The network for 28x28 images, with `--width 16 --blocks 2` (14 weight layers: 1 + 3 x 2 x 2 + 1):
+The network for 28x28 images, with the defaults `--width 16 --blocks 1` (8 weight layers: 1 + 3 x 1 x 2 + 1):
 
     input            (B, 1, 28, 28)
     stem             (B, 16, 28, 28)   conv3x3 + BN + ReLU
-    stage 1          (B, 16, 28, 28)   2 blocks
+    stage 1          (B, 16, 28, 28)   `--blocks` residual blocks each
     stage 2          (B, 32, 14, 14)   the first block halves H, W (stride 2) and doubles channels (1x1 shortcut)
     stage 3          (B, 64, 7, 7)
     avg pool + flat  (B, 64)           AdaptiveAvgPool2d(1): one number per channel, any input size
@@ -24,8 +25,8 @@ The network for 28x28 images, with `--width 16 --blocks 2` (14 weight layers: 1 
 
 `--arch plain` is the same network without the `+ x` (the shortcut convs go too); `--arch vgg` is VGG's
 design at the same depth and width: stacks of conv3x3-BN-ReLU, 2x2 max-pool between stages, no shortcut.
-At 14 layers all three train; at `--blocks 8` (50 layers) the plain net's training loss falls behind, the
-ResNet's does not (README: measured numbers).
+Shallow (the default 8 layers) all three train alike; deeper (`--blocks 4`: 26 layers) the plain nets' training
+loss falls behind the ResNet's (README: measured numbers).
 
 Data: Fashion-MNIST (Zalando's clothing images, 10 classes). The full 60k/10k set is read from Debian's
 `dataset-fashion-mnist` (or $DLNOTES_DATA/fashion-mnist) where installed; otherwise the stratified 6,000 /
