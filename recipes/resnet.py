@@ -74,7 +74,7 @@ class Config:
     blocks: int = 1  # blocks per stage; weight layers = 6 * blocks + 2 (8 here: ResNet-8)
     width: int = 16  # channels of stage 1, doubled at stages 2 and 3: 28x28 images need no more
     zero_init: bool = False  # last BN scale = 0 in each block: each starts as the identity (slow with Adam: notes)
-    epochs: int = 4  # on the full 60k: reaches the target (README has the curve and the time)
+    epochs: int = 4  # one-cycle over 4 passes of the full 60k: a CPU-sized budget (README: what it reaches)
     batch_size: int = 128  # fewer Python steps per epoch than 64 on a CPU
     lr: float = 3e-3  # one-cycle peak learning rate for AdamW
     weight_decay: float = 5e-4  # AdamW's decoupled decay: a light pull on the weights
@@ -82,7 +82,7 @@ class Config:
     data: str = "auto"  # auto | full | subset; auto = the full set where installed, else the shipped subset
     train_labels: int = 0  # train on a fixed stratified subset of this many training images; 0 = all
     limit_batches: int = 0  # 0 = all; smoke runs train on a few batches only
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto = fp32 on CPUs (bf16 does not pay for convs this small)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto = fp32 on CPUs (bf16 was slower for convs this small)
     compile: bool = False  # torch.compile the model: pays on GPUs, not for a model this small on few CPU cores
     channels_last: bool = True  # NHWC memory layout: the one oneDNN and cuDNN convolve fastest
     device: str = "auto"  # auto | cpu | cuda | mps
