@@ -25,8 +25,8 @@ The network for 28x28 images, with the defaults `--width 16 --blocks 1` (8 weigh
 
 `--arch plain` is the same network without the `+ x` (the shortcut convs go too); `--arch vgg` is VGG's
 design at the same depth and width: stacks of conv3x3-BN-ReLU, 2x2 max-pool between stages, no shortcut.
-Shallow (the default 8 layers) all three train alike; deeper (`--blocks 4`: 26 layers) the plain nets' training
-loss falls behind the ResNet's (README: measured numbers).
+At the default 8 layers all three train alike; at 26 (`--blocks 4`) the two without shortcuts fall behind in
+training loss, not just on the test set (README: measured numbers).
 
 Data: Fashion-MNIST (Zalando's clothing images, 10 classes). The full 60k/10k set is read from Debian's
 `dataset-fashion-mnist` (or $DLNOTES_DATA/fashion-mnist) where installed; otherwise the stratified 6,000 /
