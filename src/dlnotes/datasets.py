@@ -158,6 +158,22 @@ def load_image_dataset(name: str = "mnist", data_dir: str = "", download: bool =
     )
 
 
+FASHION_SUBSET = "fashion-mnist-subset"  # data/ folder: 600 train + 200 test images per class, stratified
+
+
+def load_fashion_mnist(which: str = "auto") -> ImageDataset:
+    """Fashion-MNIST: `full` is the 60k/10k set ($DLNOTES_DATA/fashion-mnist or Debian's package), `subset` the
+    stratified 6,000/2,000 that ships in data/, `auto` the full set where it is installed, else the subset."""
+    user_dir = user_data_dir()
+    installed = DEBIAN_FASHION_MNIST.is_dir() or bool(user_dir and (user_dir / "fashion-mnist").is_dir())
+    if which == "full" or (which == "auto" and installed):
+        return load_image_dataset("fashion-mnist")
+    folder = data_root() / FASHION_SUBSET
+    verify_checksums(folder, "rebuild it with `python scripts/build_fashion_subset.py`.",
+                     required=tuple(f"{stem}.gz" for stem in IDX_FILES.values()))
+    return read_idx_folder(folder, FASHION_CLASSES, source="Fashion-MNIST subset (data/, 6,000 train / 2,000 test)")
+
+
 def _download_with_torchvision(name: str, classes: tuple[str, ...]) -> ImageDataset:
     from torchvision import datasets as tv_datasets
 
