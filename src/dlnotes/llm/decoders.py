@@ -4,8 +4,8 @@
     logits = decoder.prefill(ids, max_len)   # (V,) scores for the token after the prompt
     logits = decoder.step(token)             # (V,) after one more token; the KV cache holds all before it
 
-`LlamaDecoder` is a llama's decoding step written out for the CPU's speed (fused fp16 matrices, an in-place
-KV cache, torch.compile). The same step written for reading, in fp32 and top to bottom, is the recipe
+`LlamaDecoder` is a llama's decoding step written out for the CPU's speed (fused 4-bit or fp16 matrices, an
+in-place KV cache, torch.compile). The same step written for reading, in fp32 and top to bottom, is the recipe
 `llama-decode` (`dlnotes show llama-decode`); both are tested against transformers' forward.
 `HFDecoder`, transformers' own forward with its DynamicCache, serves GPUs and other architectures.
 Speeds measured with scripts/bench_llm.py are in the README, with the machine they were measured on.
@@ -21,6 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from dlnotes.device import cpu_threads
+from dlnotes.llm import quantized
+from dlnotes.llm.quantized import Int4Weight
+
+WEIGHTS = ("auto", "fp16", "int4")  # LlamaDecoder's matrix formats; auto: int4 where the file had 4-bit groups
 
 
 def decoder_for(model: Any) -> HFDecoder | LlamaDecoder:
@@ -53,15 +57,18 @@ class HFDecoder:
         return self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1).logits[0, -1].float()
 
 
+Matrix = torch.Tensor | Int4Weight  # fp16 (N, K) rows or (N/32, K, 32) tiles, or 4-bit groups (quantized.py)
+
+
 class LayerWeights(NamedTuple):
-    """One decoder layer's weights as the decoding step reads them: norms fp32, matrices fp16 (N, K) rows
-    (eager) or (N/32, K, 32) tiles (compiled, see _tiles)."""
+    """One decoder layer's weights as the decoding step reads them: norms fp32; matrices fp16 (N, K) rows
+    (eager) or (N/32, K, 32) tiles (compiled, see _tiles), or Int4Weight groups (both)."""
     attn_norm: torch.Tensor  # (D,)
-    qkv: torch.Tensor  # ((H + 2 KV) * hd, D): q, k and v projections stacked, one matrix-vector product
-    o: torch.Tensor  # (D, H * hd)
+    qkv: Matrix  # ((H + 2 KV) * hd, D): q, k and v projections stacked, one matrix-vector product
+    o: Matrix  # (D, H * hd)
     mlp_norm: torch.Tensor  # (D,)
-    gate_up: torch.Tensor  # (2 F, D): gate and up projections stacked
-    down: torch.Tensor  # (D, F)
+    gate_up: Matrix  # (2 F, D): gate and up projections stacked
+    down: Matrix  # (D, F)
 
 
 class LlamaDecoder:
@@ -71,9 +78,12 @@ class LlamaDecoder:
     Generating a token reads every weight once (135M of them for SmolLM2-135M) to do 2 flops with each:
     memory traffic and per-operation overhead set the speed, not arithmetic. What each choice buys:
 
-    - fp16 weights, fp32 arithmetic: half the bytes of fp32, and the greedy replies stay token for token
-      those of the fp32 model (scripts/bench_llm_match.py checks it). int8 weights with per-row or per-32
-      scales read half as much again, but changed the replies after a few dozen tokens.
+    - 4-bit weights where the file had them (`weights="auto"`, quantized.py): a Q4 GGUF's layer matrices stay
+      the 4-bit groups they were, read by torch's int4 kernel, a quarter of fp16's bytes; nothing is rounded
+      that the file had not rounded, only the kernel's bf16 input and scales. Held-out perplexity and greedy
+      replies against fp32 are checked by scripts/bench_llm.py --quality (numbers in the README).
+    - fp16 weights, fp32 arithmetic, for any other model (or `weights="fp16"`): half the bytes of fp32, and
+      the greedy replies stay token for token those of the fp32 model (scripts/bench_llm_match.py checks it).
     - One thread: the CLI lets idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE, see launch.py), so every
       multi-threaded operation first wakes another core, and a token makes a few hundred such operations.
       The wake-ups cost more than the second core brings to products this small, and the other cores stay
@@ -91,25 +101,32 @@ class LlamaDecoder:
     read once for all T prompt tokens, a matrix-matrix product that the CPU's fp32 kernels do well.
     Measured speeds of each variant (scripts/bench_llm.py) are in the README."""
 
-    def __init__(self, model: Any, compile: bool = True) -> None:
+    def __init__(self, model: Any, compile: bool = True, weights: str = "auto") -> None:
+        if weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
         cfg = model.config
         self.model = model
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
-        half = torch.float16
-        self.layers = [LayerWeights(
-            attn_norm=layer.input_layernorm.weight.detach(),
+        layers = model.model.layers
+        matrices = [dict(
             qkv=torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
-                           layer.self_attn.v_proj.weight]).detach().to(half),
-            o=layer.self_attn.o_proj.weight.detach().to(half),
-            mlp_norm=layer.post_attention_layernorm.weight.detach(),
-            gate_up=torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]).detach().to(half),
-            down=layer.mlp.down_proj.weight.detach().to(half),
-        ) for layer in model.model.layers]
+                           layer.self_attn.v_proj.weight]).detach(),
+            o=layer.self_attn.o_proj.weight.detach(),
+            gate_up=torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]).detach(),
+            down=layer.mlp.down_proj.weight.detach(),
+        ) for layer in layers]
+        packed = _int4_or_none(matrices, weights)
+        self.weights = "int4" if packed else "fp16"
+        matrices = packed or [{name: w.to(torch.float16) for name, w in m.items()} for m in matrices]
+        self.layers = [LayerWeights(attn_norm=layer.input_layernorm.weight.detach(),
+                                    mlp_norm=layer.post_attention_layernorm.weight.detach(), **m)
+                       for layer, m in zip(layers, matrices)]
         self.embed = model.model.embed_tokens.weight.detach()  # (V, D) fp32: one row read per token
         self.norm = model.model.norm.weight.detach()  # (D,)
-        self.lm_head = model.lm_head.weight.detach().to(half)  # (V, D): the largest matrix (tied to the embeddings)
+        # (V, D): the largest matrix (tied to the embeddings), fp16 whatever the layers are (see _int4_or_none)
+        self.lm_head = model.lm_head.weight.detach().to(torch.float16)
         # RoPE tables from transformers' own rotary embedding (covers Llama 3's rope scaling): (context, hd).
         # rotate_half(x) = cat(-x2, x1) equals roll(x, hd/2) with the first half negated: fold the sign into sin.
         positions = torch.arange(cfg.max_position_embeddings)[None]
@@ -185,22 +202,49 @@ class LlamaDecoder:
             self.layers, self.lm_head, self.layer_fn, self.final_fn = rows, lm_head, _layer, _final
 
 
-def _tiles(w: torch.Tensor) -> torch.Tensor:
+def _int4_or_none(matrices: list[dict[str, torch.Tensor]], weights: str) -> list[dict[str, Int4Weight]] | None:
+    """Every layer matrix as Int4Weight, or None (fp16 then).
+
+    auto: int4 where the kernel runs and the file's layer matrices were 4-bit groups already (a Q4 GGUF).
+    int4 forces it: a model that came in more bits is rounded to 4 (for measuring; its quality is not checked).
+    The output matrix stays fp16 either way: SmolLM2's file keeps it in 8 bits (Q8_0), and rounding it to 4
+    bits raised held-out perplexity far beyond the 1 % that the layers' 4 bits cost (README)."""
+    if weights == "fp16" or (weights == "auto" and not quantized.available()):
+        return None
+    exact = weights == "auto"
+    packed = []
+    for layer in matrices:
+        groups = {name: quantized.int4_groups(w, exact=exact) for name, w in layer.items()}
+        if any(g is None for g in groups.values()):
+            if weights == "int4":
+                raise ValueError("int4 weights need matrices of 16 rows at a time and rows of 32 weights at a time")
+            return None
+        packed.append(groups)
+    return packed
+
+
+def _tiles(w: Matrix) -> Matrix:
     """(N, K) -> (N/t, K, t) with t = 32 where N allows: each block of 32 output rows stored column by column.
 
     The compiled product then reads one 64-byte cache line (32 fp16 weights, one per output) for each input
     element and keeps the 32 sums in vector registers; fused with the normalization or activation that feeds
-    it, that was faster than the same loop over (N, K) rows, which reduces each row on its own."""
+    it, that was faster than the same loop over (N, K) rows, which reduces each row on its own.
+    Int4 groups stay in the int4 kernel's own layout."""
+    if isinstance(w, Int4Weight):
+        return w
     n, k = w.shape
     t = math.gcd(n, 32)
     return w.view(n // t, t, k).transpose(1, 2).contiguous()
 
 
-def _matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(K,) fp32 times fp16 weights -> (N,) fp32: w is (N/t, K, t) tiles when compiled, (N, K) rows when eager.
+def _matvec(x: torch.Tensor, w: Matrix) -> torch.Tensor:
+    """(K,) fp32 times fp16 weights -> (N,) fp32: w is (N/t, K, t) tiles when compiled, (N, K) rows when eager;
+    or 4-bit groups, through torch's int4 kernel either way (quantized.matvec).
 
     Compiled, the product and the sum fuse into one C++ loop that loads fp16 and multiplies in fp32 (never
     making an fp32 copy of w). Eager, that expression would make one, so PyTorch's fp16 kernel does it."""
+    if isinstance(w, Int4Weight):
+        return quantized.matvec(x, w)
     if torch.compiler.is_compiling():
         return (w.float() * x[:, None]).sum(1).view(-1)  # (N/t, K, t) * (K, 1), summed over K -> (N/t, t) -> (N,)
     return F.linear(x.to(w.dtype), w).float()
