@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from dlnotes import prior_runs
 from dlnotes.catalog import recipe_id
 from dlnotes.checkpoint import load_checkpoint, load_weights, restore_config, save_checkpoint
-from dlnotes.datasets import epoch_generator, load_image_dataset
+from dlnotes.datasets import epoch_generator, load_fashion_mnist
 from dlnotes.device import pick_device, seed_everything
 from dlnotes.errors import UserError
 from dlnotes.flags import require_choice, require_positive
@@ -293,7 +293,7 @@ def main(cfg: Config) -> dict[str, float]:
     precision = resolve_precision(cfg.precision, device)
     generator = seed_everything(cfg.seed)
     points = curve_points(cfg.labels)
-    data = load_image_dataset("fashion-mnist")
+    data = load_fashion_mnist("auto")  # the full set where installed, else the subset that ships in data/
     classes = len(data.classes)
     resnet_runs = {}
     if cfg.resnet:  # child runs, before this Run: an interrupted child leaves this run nothing to resume

@@ -14,12 +14,11 @@ import torch.nn.functional as F
 from conftest import assert_one_line_error
 
 from dlnotes import catalog
-from dlnotes.datasets import DEBIAN_FASHION_MNIST
+from dlnotes.datasets import FASHION_CLASSES
 from dlnotes.tracking import latest_run
 
 transfer = catalog.load_module(catalog.get("transfer"))
-needs_fashion = pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(),
-                                   reason="needs Debian's dataset-fashion-mnist")
+
 
 # The resnet recipe's interface as transfer uses it: --train-labels N, a test_acc, a run directory.
 STUB_RESNET = '''
@@ -141,7 +140,6 @@ def test_label_subsets_are_stratified_nested_and_refused_when_too_large() -> Non
         transfer.label_subset(labels, 600, 10)
 
 
-@needs_fashion
 def test_compared_with_resnet_on_the_same_labels_and_its_runs_are_reused(tmp_path: Path, out_dir: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """resnet (a stub with the real interface) trains in a child run with --train-labels 20; the gain is taken
@@ -170,7 +168,6 @@ def test_compared_with_resnet_on_the_same_labels_and_its_runs_are_reused(tmp_pat
     assert transfer.prior_runs.run_with("resnet", out_dir, "cpu", train_labels=20, epochs=3).trained_now
 
 
-@needs_fashion
 def test_interrupted_in_fine_tuning_and_resumed_matches_an_uninterrupted_run(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C in the middle of the fine-tuning stage, then --resume: the same accuracies and weights."""
@@ -207,7 +204,6 @@ def test_interrupted_in_fine_tuning_and_resumed_matches_an_uninterrupted_run(tmp
         torch.testing.assert_close(weights[1][name], tensor, rtol=0, atol=0)
 
 
-@needs_fashion
 def test_predict_gives_both_heads_and_bad_inputs_are_one_line(smoke_run, invoke, tmp_path: Path) -> None:
     _, run_dir = smoke_run("transfer", scratch_steps=0)
     photo = tmp_path / "chelsea.jpg"
@@ -218,8 +214,7 @@ def test_predict_gives_both_heads_and_bad_inputs_are_one_line(smoke_run, invoke,
     imagenet, fashion = results
     assert imagenet["input"].endswith("[ImageNet]") and fashion["input"].endswith("[Fashion-MNIST]")
     assert "cat" in imagenet["top"][0][0]
-    assert len(fashion["top"]) == 3 and {c for c, _ in fashion["top"]} <= set(transfer.load_image_dataset(
-        "fashion-mnist").classes)
+    assert len(fashion["top"]) == 3 and {c for c, _ in fashion["top"]} <= set(FASHION_CLASSES)
     assert_one_line_error(invoke("predict", "transfer", "--run", run_dir, tmp_path / "missing.png"),
                           "missing.png does not exist")
 
