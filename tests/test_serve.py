@@ -399,6 +399,7 @@ def _body(**fields) -> bytes:
 
 
 MALFORMED = {  # what the body gets wrong: (body, the status, a fragment of the message)
+    "too many messages": (_body(messages=[{"role": "user", "content": "hi"}] * 1025), 400, "at most 1024"),
     "content a number": (_body(messages=[{"role": "user", "content": 5}]), 400, "content must be"),
     "content a list of non-parts": (_body(messages=[{"role": "user", "content": [1, "a"]}]), 400, "content must be"),
     "content part without text": (_body(messages=[{"role": "user", "content": [{"type": "text"}]}]), 400,

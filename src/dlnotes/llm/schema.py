@@ -30,6 +30,7 @@ from dlnotes.llm.constrained import Node, SchemaError, compile_schema
 ROLES = {"system", "developer", "user", "assistant", "tool"}  # developer is OpenAI's newer name for system
 MAX_STOPS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 64  # the text held back and searched each token is at most this long (a stop is a few characters)
+MAX_MESSAGES = 1024  # a conversation longer than any context window: refused before the chat template loops over it
 MAX_DEPTH = 32  # JSON nesting: a chat request is 4 deep ({"messages": [{"content": [{...}]}]})
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
@@ -144,6 +145,9 @@ def parse_request(body: Any, served: str) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list of {role, content} objects.", "messages")
+    if len(messages) > MAX_MESSAGES:
+        raise APIError(400, f"'messages' has {len(messages)} entries; at most {MAX_MESSAGES} are accepted.",
+                       "messages")
     chat, calls = [], set()  # calls: ids of the latest assistant tool calls, which tool messages answer
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
