@@ -56,18 +56,26 @@ def _wait_for_training(process: subprocess.Popen, out: Path, deadline: float) ->
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, "second-ctrl-c"])
 def test_a_stop_signal_to_the_launcher_leaves_no_process_behind(tmp_path: Path, signum) -> None:
-    process = subprocess.Popen([DLNOTES, "run", "mlp", "--epochs", "50", "--nproc", "2", "--device", "cpu",
-                                "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr_file = tmp_path / "stderr.txt"
+    with stderr_file.open("w") as stderr:
+        process = subprocess.Popen([DLNOTES, "run", "mlp", "--epochs", "50", "--nproc", "2", "--device", "cpu",
+                                    "--out", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     _wait_for_training(process, tmp_path, time.time() + 180)
     launcher = psutil.Process(process.pid)
     family = launcher.children(recursive=True)
     assert len(family) >= 3  # torchrun and its two workers
     if signum == "second-ctrl-c":
         process.send_signal(signal.SIGINT)
+        # The second only once the first has reached the workers: two signals sent back to back can arrive as
+        # one (a pending signal is not queued twice), and this test is about the second one.
+        deadline = time.time() + 60
+        while "Ctrl-C: stopping" not in stderr_file.read_text():
+            assert process.poll() is None and time.time() < deadline, stderr_file.read_text()
+            time.sleep(0.05)
         process.send_signal(signal.SIGINT)
     else:
         process.send_signal(signum)
-    process.communicate(timeout=120)
+    process.wait(timeout=120)
     gone, alive = psutil.wait_procs(family, timeout=10)
     assert not alive, [p.cmdline() for p in alive]
     assert process.returncode == {signal.SIGTERM: 143, signal.SIGHUP: 129}.get(signum, 130)

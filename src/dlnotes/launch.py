@@ -177,7 +177,9 @@ class ProcessTree:
             pass
 
     def kill(self) -> None:
-        """SIGKILL every remembered process still running (psutil checks that a pid was not reused)."""
+        """SIGKILL every remembered process still running (psutil checks that a pid was not reused), and wait
+        for the descendants to go. Not for the root: it is the caller's child, and psutil's wait would reap it,
+        so the caller's own wait would find no child and report exit code 0 for a job that was killed."""
         self.refresh()
         alive = []
         for process in self._seen:
@@ -186,7 +188,7 @@ class ProcessTree:
                 alive.append(process)
             except self._psutil.NoSuchProcess:
                 continue
-        self._psutil.wait_procs(alive, timeout=5)
+        self._psutil.wait_procs([p for p in alive if p != self._root], timeout=5)
 
 
 def torchrun() -> None:
