@@ -13,6 +13,11 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # Idle OpenMP threads spin by default; on a busy machine they steal the core their partner needs, and small
 # steps (a tiny BERT's) take many times longer. Set before anything imports torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# pytest-xdist runs the suite in one process per core (`-n auto` in pyproject.toml): each gets its share of the
+# cores, as the --nproc launcher gives each worker, instead of every process fighting for all of them.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 os.environ["HF_HUB_OFFLINE"] = "1"  # transformers/datasets must never try the hub
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 

@@ -124,12 +124,14 @@ def test_cp_copy_runs_on_its_own(tmp_path: Path, invoke) -> None:
 def test_predict_prints_top3_per_image(mlp_run: Path, tmp_path: Path, invoke) -> None:
     from PIL import Image
 
-    image = tmp_path / "seven.png"
+    # one line per input whatever the path: a long one is not wrapped, brackets are not markup
+    image = tmp_path / ("a folder with a long name " * 4) / "seven [red]scan.png"
+    image.parent.mkdir()
     Image.new("L", (50, 50), 255).save(image)
     result = invoke("predict", "mlp", "--run", mlp_run, image)
     assert result.exit_code == 0, result.output
-    line = result.output.strip()
-    assert line.startswith(f"{image}:") and len(line.split(":")[1].split()) == 6
+    line, = result.output.splitlines()
+    assert line.startswith(f"{image}: ") and len(line.removeprefix(f"{image}: ").split()) == 6
 
 
 def test_runs_lists_finished_runs(mlp_run: Path, invoke) -> None:

@@ -237,12 +237,12 @@ def predict(
         first_line = (inspect.getdoc(module.predict) or "").splitlines()[:1]
         raise UserError(f"Give at least one input: dlnotes predict {info.id} --run DIR INPUT... "
                         f"({first_line[0] if first_line else 'see the recipe'})")
-    for result in module.predict(run_dir, inputs, **options):
+    for result in module.predict(run_dir, inputs, **options):  # one line per input, for people and for scripts
         if "top" in result:
-            ranked = "   ".join(f"{label} {prob:.3f}" for label, prob in result["top"])
-            console().print(f"{result['input']}: {ranked}", highlight=False)
+            answer = "   ".join(f"{label} {prob:.3f}" for label, prob in result["top"])
         else:
-            console().print(f"{result['input']}: {result['output']}", highlight=False)
+            answer = result["output"]
+        print(f"{result['input']}: {answer}")
 
 
 @app.command()
