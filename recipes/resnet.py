@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from dlnotes import distributed
 from dlnotes.catalog import recipe_id
 from dlnotes.checkpoint import load_checkpoint, load_weights, restore_config, save_checkpoint
-from dlnotes.datasets import batch_indices, epoch_generator, load_fashion_mnist
+from dlnotes.datasets import batch_indices, epoch_generator, labelled_subset, load_fashion_mnist
 from dlnotes.device import pick_device, seed_everything
 from dlnotes.errors import UserError
 from dlnotes.flags import require_choice, require_positive
@@ -65,7 +65,6 @@ TARGET = ("test_acc", 0.92)  # on the full 10k test set; NOT met yet: the defaul
 SMOKE = {"epochs": 1, "limit_batches": 3, "data": "subset", "width": 8, "blocks": 1}
 DISTRIBUTED = True  # dlnotes run resnet --nproc N
 ARCHS = ("resnet", "plain", "vgg")
-LABEL_SEED = 0  # which images --train-labels keeps: fixed, so every seed and recipe trains on the same ones
 
 
 @dataclass
@@ -179,19 +178,6 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, preci
     return F.cross_entropy(logits, labels).item(), (predicted == labels).float().mean().item(), predicted
 
 
-def label_subset(labels: np.ndarray, count: int, num_classes: int) -> np.ndarray:
-    """Indices of `count` training images, count // C of each class (the first count % C classes one more),
-    drawn with default_rng(LABEL_SEED): the same images for every --seed and every recipe that asks."""
-    per_class = [count // num_classes + (c < count % num_classes) for c in range(num_classes)]
-    available = np.bincount(labels, minlength=num_classes)
-    if count > len(labels) or any(n > a for n, a in zip(per_class, available)):
-        raise UserError(f"--train-labels {count} is more than this training set has ({len(labels)} images, "
-                        f"{available.min()} in its smallest class).")
-    rng = np.random.default_rng(LABEL_SEED)
-    picks = [rng.permutation(np.flatnonzero(labels == c))[:n] for c, n in enumerate(per_class)]
-    return np.sort(np.concatenate(picks))
-
-
 # --- training ---------------------------------------------------------------------------------------------
 
 
@@ -200,7 +186,7 @@ def main(cfg: Config) -> dict[str, float]:
     precision = resolve_precision(cfg.precision, device)
     generator = seed_everything(cfg.seed + distributed.rank())  # each process its own augmentation draws
     data = load_fashion_mnist(cfg.data)
-    keep = label_subset(data.train_labels, cfg.train_labels, len(data.classes)) if cfg.train_labels else None
+    keep = labelled_subset(data.train_labels, cfg.train_labels, len(data.classes)) if cfg.train_labels else None
     train_images = data.train_images if keep is None else data.train_images[keep]
     train_labels = data.train_labels if keep is None else data.train_labels[keep]
     test_set = f"{'full' if len(data.test_labels) == 10_000 else 'subset'} test set ({len(data.test_labels):,})"

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from dlnotes import prior_runs
 from dlnotes.catalog import recipe_id
 from dlnotes.checkpoint import load_checkpoint, load_weights, restore_config, save_checkpoint
-from dlnotes.datasets import epoch_generator, load_fashion_mnist
+from dlnotes.datasets import epoch_generator, labelled_subset, load_fashion_mnist
 from dlnotes.device import pick_device, seed_everything
 from dlnotes.errors import UserError
 from dlnotes.flags import require_choice, require_positive
@@ -68,7 +68,6 @@ SMOKE = {"labels": "20", "test_limit": 100, "probe_steps": 3, "last_steps": 2, "
 WEIGHTS = ("efficientnet-lite0", "resnet18")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # of ImageNet's training photos
 CAT_CLASSES = range(281, 286)  # ImageNet's tabby, tiger cat, Persian, Siamese and Egyptian cat
-LABEL_SEED = 0  # which training images N labels are: fixed, and the same rule as the resnet recipe's
 
 
 @dataclass
@@ -237,19 +236,6 @@ def fashion_inputs(pixels: torch.Tensor, size: int) -> torch.Tensor:
     return (x - mean) / torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
 
 
-def label_subset(labels: np.ndarray, count: int, num_classes: int) -> np.ndarray:
-    """Indices of `count` images, count // C of each class (the first count % C classes one more), drawn with
-    default_rng(LABEL_SEED): the resnet recipe's rule, so both train on the same images. Nested: the 100 are
-    among the 1,000."""
-    per_class = [count // num_classes + (c < count % num_classes) for c in range(num_classes)]
-    available = np.bincount(labels, minlength=num_classes)
-    if count > len(labels) or any(n > a for n, a in zip(per_class, available)):
-        raise UserError(f"--labels {count} is more than this set has ({len(labels)} images).")
-    rng = np.random.default_rng(LABEL_SEED)
-    picks = [rng.permutation(np.flatnonzero(labels == c))[:n] for c, n in enumerate(per_class)]
-    return np.sort(np.concatenate(picks))
-
-
 @torch.no_grad()
 def in_batches(fn, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """fn over x in chunks (features, logits), without gradients."""
@@ -298,7 +284,9 @@ def main(cfg: Config) -> dict[str, float]:
     resnet_runs = {}
     if cfg.resnet:  # child runs, before this Run: an interrupted child leaves this run nothing to resume
         resnet_runs = {n: prior_runs.run_with("resnet", cfg.out, cfg.device, train_labels=n) for n in points}
-    test_keep = label_subset(data.test_labels, cfg.test_limit, classes) if cfg.test_limit else slice(None)
+    test_keep = slice(None)
+    if cfg.test_limit:
+        test_keep = labelled_subset(data.test_labels, cfg.test_limit, classes, "--test-limit")
     test_x = torch.from_numpy(data.test_images[test_keep]).float().div(255).unsqueeze(1).to(device)  # (T, 1, 28, 28)
     test_y = torch.from_numpy(data.test_labels[test_keep]).to(device)
 
@@ -325,7 +313,7 @@ def main(cfg: Config) -> dict[str, float]:
     for round_no, (n, stage) in enumerate(rounds, 1):
         if round_no < start.epoch:
             continue  # finished before a resume: its weights and accuracy were restored
-        keep = label_subset(data.train_labels, n, classes) if n else np.arange(len(data.train_labels))
+        keep = labelled_subset(data.train_labels, n, classes, "--labels") if n else np.arange(len(data.train_labels))
         train_x = torch.from_numpy(data.train_images[keep]).float().div(255).unsqueeze(1).to(device)  # (N, 1, 28, 28)
         train_y = torch.from_numpy(data.train_labels[keep]).to(device)
         net = nets[f"scratch_{n}" if stage == "scratch" else f"pretrained_{n}"]

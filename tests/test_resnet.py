@@ -15,7 +15,7 @@ from conftest import assert_one_line_error
 from PIL import Image
 
 from dlnotes import catalog
-from dlnotes.datasets import DEBIAN_FASHION_MNIST, FASHION_CLASSES, data_root, load_fashion_mnist
+from dlnotes.datasets import DEBIAN_FASHION_MNIST, FASHION_CLASSES, data_root, labelled_subset, load_fashion_mnist
 from dlnotes.errors import DataError, UserError
 
 resnet = catalog.load_module(catalog.get("resnet"))
@@ -132,12 +132,12 @@ def test_the_subset_rebuilds_byte_identically_from_debians_files(tmp_path: Path)
 
 def test_train_labels_picks_a_fixed_stratified_subset() -> None:
     labels = load_fashion_mnist("subset").train_labels
-    picked = resnet.label_subset(labels, 105, 10)
+    picked = labelled_subset(labels, 105, 10)
     assert len(picked) == len(set(picked.tolist())) == 105
     assert np.bincount(labels[picked]).tolist() == [11] * 5 + [10] * 5
-    assert np.array_equal(picked, resnet.label_subset(labels, 105, 10))  # the same images every time
+    assert np.array_equal(picked, labelled_subset(labels, 105, 10))  # the same images every time
     with pytest.raises(UserError, match="more than this training set has"):
-        resnet.label_subset(labels, 6001, 10)
+        labelled_subset(labels, 6001, 10)
 
 
 # --- training, resume, predict -------------------------------------------------------------------------

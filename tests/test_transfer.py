@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import assert_one_line_error
 
 from dlnotes import catalog
-from dlnotes.datasets import FASHION_CLASSES
+from dlnotes.datasets import FASHION_CLASSES, labelled_subset
 from dlnotes.tracking import latest_run
 
 transfer = catalog.load_module(catalog.get("transfer"))
@@ -132,12 +132,12 @@ def test_fine_tuning_keeps_the_pretrained_batch_norm_statistics() -> None:
 
 def test_label_subsets_are_stratified_nested_and_refused_when_too_large() -> None:
     labels = np.repeat(np.arange(10), 50)
-    hundred, two_hundred = transfer.label_subset(labels, 100, 10), transfer.label_subset(labels, 205, 10)
+    hundred, two_hundred = labelled_subset(labels, 100, 10), labelled_subset(labels, 205, 10)
     assert np.bincount(labels[hundred]).tolist() == [10] * 10
     assert np.bincount(labels[two_hundred]).tolist() == [21] * 5 + [20] * 5
     assert set(hundred) <= set(two_hundred)
     with pytest.raises(transfer.UserError, match="more than"):
-        transfer.label_subset(labels, 600, 10)
+        labelled_subset(labels, 600, 10)
 
 
 def test_compared_with_resnet_on_the_same_labels_and_its_runs_are_reused(tmp_path: Path, out_dir: Path,

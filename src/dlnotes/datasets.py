@@ -191,6 +191,23 @@ def _download_with_torchvision(name: str, classes: tuple[str, ...]) -> ImageData
 # --- minibatches from tensors already in memory ----------------------------------------------------------
 
 
+LABEL_SEED = 0  # which images a labelled subset keeps: fixed, so every --seed and every recipe gets the same ones
+
+
+def labelled_subset(labels: np.ndarray, count: int, num_classes: int, flag: str = "--train-labels") -> np.ndarray:
+    """Sorted indices of `count` images, count // C of each class (the first count % C classes one more), drawn
+    with default_rng(LABEL_SEED): the same images for every seed and every recipe that asks (resnet's
+    --train-labels, transfer's learning curve), and nested (the 100 are among the 1,000)."""
+    per_class = [count // num_classes + (c < count % num_classes) for c in range(num_classes)]
+    available = np.bincount(labels, minlength=num_classes)
+    if count > len(labels) or any(n > a for n, a in zip(per_class, available)):
+        raise DataError(f"{flag} {count} is more than this training set has ({len(labels)} images, "
+                        f"{available.min()} in its smallest class).")
+    rng = np.random.default_rng(LABEL_SEED)
+    picks = [rng.permutation(np.flatnonzero(labels == c))[:n] for c, n in enumerate(per_class)]
+    return np.sort(np.concatenate(picks))
+
+
 def epoch_generator(seed: int, epoch: int) -> object:
     """A generator for one epoch's data order, a function of (seed, epoch) only: a run resumed in the
     middle of an epoch redraws exactly the batches it was interrupted in."""
