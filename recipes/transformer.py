@@ -174,9 +174,6 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-        for block in self.blocks:  # GPT-2's residual scaling: the 2 x n_layer writes into x add up, so each starts
-            for out in (block.attn.proj, block.mlp[2]):  # smaller, and x's size at the top does not grow with depth
-                nn.init.normal_(out.weight, std=0.02 / math.sqrt(2 * n_layer))
 
     def forward(self, idx: torch.Tensor, caches: list[dict] | None = None,
                 with_attention: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
