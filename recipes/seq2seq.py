@@ -42,7 +42,6 @@ alone evaluates.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -72,6 +71,7 @@ from dlnotes.translation import (  # noqa: F401
     TOY_PAIRS,
     UNK_ID,
     build_vocabs,
+    check_sentences,
     collate,
     encode_pairs,
     length_batches,
@@ -339,20 +339,7 @@ def predict(run_dir: str | Path, inputs: list[str], beam: int = 5, no_repeat_ngr
     src_vocab, tgt_vocab = Vocab(state["src_vocab"]), Vocab(state["tgt_vocab"])
     model = Seq2Seq(len(src_vocab), len(tgt_vocab), cfg.hidden, cfg.dropout)
     load_weights(model, state)
-    if not inputs:
-        raise UserError("Give at least one English sentence to translate, in quotes.")
-    if beam < 1:
-        raise UserError(f"--beam must be at least 1, got {beam}.")
-    for n, text in enumerate(inputs, 1):
-        tokens = source_tokens(text)
-        if not tokens:
-            raise UserError(f"Text {n} is empty: give an English sentence to translate.")
-        if all(t not in src_vocab for t in tokens):
-            raise UserError(f"Text {n} ({text[:40]!r}) has no word this run knows: it translates English "
-                            f"(trained on {cfg.dataset}).")
-        if len(tokens) > cfg.max_len:
-            print(f"note: text {n} has {len(tokens)} tokens; only the first {cfg.max_len} are translated.",
-                  file=sys.stderr)
+    check_sentences(inputs, src_vocab, cfg.max_len, cfg.dataset, beam)
     outputs, _ = translate(model, inputs, src_vocab, tgt_vocab, cfg, torch.device("cpu"), beam)
     return [{"input": text, "output": detokenize(words)} for text, words in zip(inputs, outputs)]
 

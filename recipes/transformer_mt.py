@@ -55,7 +55,6 @@ with N processes (DistributedDataParallel): each takes a slice of every batch; r
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -83,6 +82,7 @@ from dlnotes.translation import (
     UNK_ID,
     bleu_by_group,
     build_vocabs,
+    check_sentences,
     collate,
     encode_pairs,
     group_metrics,
@@ -353,20 +353,7 @@ def predict(run_dir: str | Path, inputs: list[str], beam: int = 5, no_repeat_ngr
     src_vocab, tgt_vocab = Vocab(state["src_vocab"]), Vocab(state["tgt_vocab"])
     model = TransformerMT(len(src_vocab), len(tgt_vocab), cfg.d_model, cfg.heads, cfg.layers, cfg.ff, cfg.dropout)
     load_weights(model, state)
-    if not inputs:
-        raise UserError("Give at least one English sentence to translate, in quotes.")
-    if beam < 1:
-        raise UserError(f"--beam must be at least 1, got {beam}.")
-    for n, text in enumerate(inputs, 1):
-        tokens = source_tokens(text)
-        if not tokens:
-            raise UserError(f"Text {n} is empty: give an English sentence to translate.")
-        if all(t not in src_vocab for t in tokens):
-            raise UserError(f"Text {n} ({text[:40]!r}) has no word this run knows: it translates English "
-                            f"(trained on {cfg.dataset}).")
-        if len(tokens) > cfg.max_len:
-            print(f"note: text {n} has {len(tokens)} tokens; only the first {cfg.max_len} are translated.",
-                  file=sys.stderr)
+    check_sentences(inputs, src_vocab, cfg.max_len, cfg.dataset, beam)
     outputs = translate(model, inputs, src_vocab, tgt_vocab, cfg, torch.device("cpu"), beam)
     return [{"input": text, "output": detokenize(words)} for text, words in zip(inputs, outputs)]
 

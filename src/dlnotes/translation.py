@@ -11,6 +11,7 @@ tokens, vocabularies and batches, so the two recipes' BLEU scores compare like f
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from dlnotes import distributed
+from dlnotes.errors import UserError
 from dlnotes.text import BOS, EOS, PAD, UNK, Vocab, corpus_bleu, detokenize, word_tokens
 from dlnotes.textdata import load_translation_pairs
 
@@ -130,3 +132,21 @@ def write_samples(path: Path, sources, references, greedy_out, beam_out, beam: i
         lines += [f"{n + 1}. **English:** {sources[n]}  ", f"   **Reference:** {references[n]}  ",
                   f"   **Greedy:** {detokenize(greedy_out[n])}  ", f"   **Beam {beam}:** {detokenize(beam_out[n])}\n"]
     path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def check_sentences(inputs: list[str], src_vocab: Vocab, max_len: int, dataset: str, beam: int) -> None:
+    """What `predict` is given, checked before decoding: each bad input is one line, a long one is a note."""
+    if not inputs:
+        raise UserError("Give at least one English sentence to translate, in quotes.")
+    if beam < 1:
+        raise UserError(f"--beam must be at least 1, got {beam}.")
+    for n, text in enumerate(inputs, 1):
+        tokens = source_tokens(text)
+        if not tokens:
+            raise UserError(f"Text {n} is empty: give an English sentence to translate.")
+        if all(t not in src_vocab for t in tokens):
+            raise UserError(f"Text {n} ({text[:40]!r}) has no word this run knows: it translates English "
+                            f"(trained on {dataset}).")
+        if len(tokens) > max_len:
+            print(f"note: text {n} has {len(tokens)} tokens; only the first {max_len} are translated.",
+                  file=sys.stderr)
