@@ -13,9 +13,7 @@ are checked first, so a different upstream release cannot silently change the su
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
-import struct
 import sys
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from dlnotes.datasets import DEBIAN_FASHION_MNIST, FASHION_CLASSES, read_idx  # noqa: E402
+from dlnotes.datasets import DEBIAN_FASHION_MNIST, FASHION_CLASSES, read_idx, write_idx_gz  # noqa: E402
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 600, 200
 SEED = 0
@@ -53,18 +51,6 @@ def stratified_pick(labels: np.ndarray, per_class: int, rng: np.random.Generator
     return rng.permutation(np.concatenate(chosen))  # shuffled across classes: the files are not sorted by label
 
 
-def idx_bytes(array: np.ndarray) -> bytes:
-    """IDX: magic (0, 0, type 0x08 = ubyte, ndim), big-endian dims, then the raw bytes."""
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-
-
-def write_gz(path: Path, payload: bytes) -> str:
-    data = gzip.compress(payload, compresslevel=9, mtime=0)
-    path.write_bytes(data)
-    return hashlib.sha256(data).hexdigest()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source-dir", type=Path, default=DEBIAN_FASHION_MNIST,
@@ -84,7 +70,7 @@ def main() -> None:
         "t10k-images-idx3-ubyte.gz": source["t10k-images-idx3-ubyte.gz"][test],
         "t10k-labels-idx1-ubyte.gz": source["t10k-labels-idx1-ubyte.gz"][test],
     }
-    sums = {name: write_gz(args.out / name, idx_bytes(array)) for name, array in files.items()}
+    sums = {name: write_idx_gz(args.out / name, array) for name, array in files.items()}
     (args.out / "SHA256SUMS").write_text("".join(f"{h}  {n}\n" for n, h in sums.items()))
     print(f"{len(train)} train / {len(test)} test images -> {args.out}")
     for name, digest in sums.items():

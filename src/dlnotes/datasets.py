@@ -111,6 +111,15 @@ def read_idx(path: Path) -> np.ndarray:
     return array.reshape(shape)
 
 
+def write_idx_gz(path: Path, array: np.ndarray) -> str:
+    """The inverse of read_idx, for the data build scripts: IDX (magic 0, 0, type 0x08 = unsigned byte, ndim;
+    big-endian dims; the raw bytes), gzipped reproducibly (mtime 0). Returns the file's sha256 for SHA256SUMS."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = gzip.compress(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes(), compresslevel=9, mtime=0)
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
 def read_idx_folder(folder: Path, classes: tuple[str, ...], source: str) -> ImageDataset:
     arrays = {}
     for key, stem in IDX_FILES.items():
