@@ -47,9 +47,11 @@ def test_list_filters_by_tag(invoke) -> None:
     assert all("cnn" in row["tags"] for row in rows)
 
 
-def test_list_as_a_real_subprocess_does_not_import_torch() -> None:
-    code = "import sys; from dlnotes.cli import main; sys.argv = ['dlnotes', 'list']\n" \
-           "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'list imported torch'"
+def test_list_as_a_real_subprocess_imports_neither_torch_nor_typer() -> None:
+    code = "import sys; from dlnotes.entry import main; sys.argv = ['dlnotes', 'list']\n" \
+           "try:\n    main()\nexcept SystemExit:\n    pass\n" \
+           "assert 'torch' not in sys.modules, 'list imported torch'\n" \
+           "assert 'typer' not in sys.modules, 'list imported typer'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "cnn-mnist" in result.stdout

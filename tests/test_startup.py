@@ -1,4 +1,4 @@
-"""`dlnotes list` starts fast: its plain forms skip Typer's command tree, and the catalog tokenizes only the
+"""`dlnotes list` starts fast: its plain forms skip Typer (dlnotes.entry), and the catalog tokenizes only the
 Config lines. Both must give exactly what the slow, general paths give."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dlnotes import catalog, cli
+from dlnotes import catalog, cli, entry, listing
 
 
 @pytest.mark.parametrize("args, options", [
@@ -21,7 +21,7 @@ from dlnotes import catalog, cli
     (["list", "--tag=vision"], {"tag": "vision", "as_json": False}),
 ])
 def test_plain_list_command_lines_take_the_short_way(args: list[str], options: dict) -> None:
-    assert cli.plain_list_options(args) == options
+    assert listing.plain_list_options(args) == options
 
 
 @pytest.mark.parametrize("args", [
@@ -30,7 +30,7 @@ def test_plain_list_command_lines_take_the_short_way(args: list[str], options: d
     ["list", "extra"],
 ])
 def test_every_other_command_line_goes_to_typer(args: list[str]) -> None:
-    assert cli.plain_list_options(args) is None
+    assert listing.plain_list_options(args) is None
 
 
 @pytest.mark.parametrize("args", [["list", "--json"], ["list", "--tag", "cnn", "--json"], ["list", "--tag", "cnn"]])
@@ -39,7 +39,7 @@ def test_the_short_way_prints_what_typer_prints(args: list[str], invoke, monkeyp
     monkeypatch.setenv("COLUMNS", "200")  # the same table width for both
     monkeypatch.setattr(sys, "argv", ["dlnotes", *args])
     monkeypatch.setattr(cli, "app", lambda: pytest.fail("the short way called Typer"))
-    cli.main()
+    entry.main()
     short = capsys.readouterr().out
     typer_output = invoke(*args, env={"COLUMNS": "200"}).output
     assert short == typer_output and "cnn-mnist" in short

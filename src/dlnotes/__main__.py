@@ -1,3 +1,3 @@
-from dlnotes.cli import main
+from dlnotes.entry import main
 
 main()

@@ -9,9 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,6 +23,7 @@ from rich.table import Table
 from dlnotes import catalog
 from dlnotes.errors import UserError
 from dlnotes.launch import build_config, execute, print_error, quiet_idle_threads
+from dlnotes.listing import print_recipes, target_text
 
 app = typer.Typer(
     help="dlnotes: a runnable deep-learning cookbook. Start with `dlnotes list`.",
@@ -53,15 +52,6 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _target_text(info: catalog.RecipeInfo) -> str:
-    return ", ".join(str(target) for target in (info.target, *info.also_targets) if target) or "—"
-
-
-def _json_row(info: catalog.RecipeInfo) -> dict[str, Any]:
-    return {"id": info.id, "title": info.title, "tags": list(info.tags), "dataset": info.dataset,
-            "target": info.target.as_list() if info.target else None}
-
-
 @app.command("list")
 def list_recipes(
     tag: str | None = typer.Option(None, "--tag", help="Only recipes with this tag."),
@@ -69,27 +59,7 @@ def list_recipes(
 ) -> None:
     """List the recipes in the catalog. A recipe file whose metadata cannot be read is one row "(unreadable:
     why)" (in --json: an "unreadable" entry with the reason), and the others are listed as usual."""
-    recipes = {r.id: r for r in catalog.all_recipes().values() if tag is None or tag in r.tags}
-    broken = {} if tag else catalog.unreadable()  # an unreadable file's tags are unknown
-    ids = sorted([*recipes, *broken])
-    if as_json:
-        unreadable_row = {"title": "", "tags": [], "dataset": "", "target": None}
-        rows = [{"id": rid, **unreadable_row, "unreadable": broken[rid]} if rid in broken else _json_row(recipes[rid])
-                for rid in ids]
-        print(json.dumps(rows, indent=2))
-        return
-    title = f"{len(recipes)} recipes" + (f", {len(broken)} unreadable" if broken else "")
-    table = Table(title=title, title_justify="left")
-    for column in ("id", "title", "tags", "dataset", "target"):
-        table.add_column(column, overflow="fold")
-    for rid in ids:
-        if rid in broken:
-            why = broken[rid].removeprefix(f"{catalog.recipes_dir()}{os.sep}")  # the folder is the same for all
-            table.add_row(rid, f"(unreadable: {why})", "", "", "—")
-        else:
-            r = recipes[rid]
-            table.add_row(r.id, r.title, ", ".join(r.tags), r.dataset, _target_text(r))
-    console().print(table)
+    print_recipes(tag, as_json)
 
 
 @app.command()
@@ -104,7 +74,7 @@ def show(
 
     info = catalog.get(recipe)
     console().print(Markdown(f"# {info.id}: {info.title}\n\n{info.notes}"))
-    console().print(f"\ntags: {', '.join(info.tags)}   dataset: {info.dataset}   target: {_target_text(info)}")
+    console().print(f"\ntags: {', '.join(info.tags)}   dataset: {info.dataset}   target: {target_text(info)}")
     console().print("flags: " + " ".join(f"{f.flag}={f.default!r}" for f in info.fields))
     if code:
         console().print(Syntax(info.path.read_text(), "python", line_numbers=True))
@@ -331,30 +301,6 @@ def ask(
 
 
 def main() -> None:
+    """The Typer app (dlnotes.entry answers the plain `dlnotes list` before this module is imported)."""
     quiet_idle_threads()
-    options = plain_list_options(sys.argv[1:])
-    if options is not None:
-        list_recipes(**options)
-        return
     app()
-
-
-def plain_list_options(args: list[str]) -> dict[str, Any] | None:
-    """`dlnotes list [--tag TAG] [--json]` as keyword arguments of `list_recipes`; None for any other command
-    line, which goes to Typer. The listing is the command people type first and often: building Typer's command
-    tree (a pydantic adapter for every option of every command) took most of its start-up, so it skips it."""
-    if args[:1] != ["list"]:
-        return None
-    options: dict[str, Any] = {"tag": None, "as_json": False}
-    rest = args[1:]
-    while rest:
-        arg = rest.pop(0)
-        if arg == "--json" and not options["as_json"]:
-            options["as_json"] = True
-        elif arg == "--tag" and options["tag"] is None and rest and not rest[0].startswith("-"):
-            options["tag"] = rest.pop(0)
-        elif arg.startswith("--tag=") and options["tag"] is None and len(arg) > len("--tag="):
-            options["tag"] = arg.removeprefix("--tag=")
-        else:
-            return None  # --help, a typo, a repeated option: Typer's own parsing and messages
-    return options
