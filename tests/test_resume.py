@@ -364,6 +364,51 @@ def test_durable_text_writes_keep_the_old_file_on_error_and_ordinary_permissions
     assert sorted(os.listdir(tmp_path)) == ["config.json", "plain.json"]
 
 
+def test_a_stop_signal_at_any_line_of_a_durable_write_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """A signal handler's exception can surface at any line of Python (the loop caught it once: mkstemp had
+    created the file, and was interrupted before it returned the name). Raise KeyboardInterrupt at the 1st,
+    2nd, ... line that any Python frame runs during write_durably, until a write runs to its end: each time, the
+    file is the old or the new version, whole, and no temporary file is left."""
+    import os
+    import sys
+
+    from dlnotes.durable import write_durably, write_text_durably
+
+    path = tmp_path / "summary.json"
+    write_text_durably(path, "old")
+
+    def write_new(file):
+        file.write(b"new")
+
+    interrupted_at = 0
+    while True:
+        interrupted_at += 1
+        lines = 0
+
+        def tracer(frame, event, arg, at=interrupted_at):
+            nonlocal lines
+            if event == "line":
+                lines += 1
+                if lines == at:
+                    raise KeyboardInterrupt
+            return tracer
+
+        sys.settrace(tracer)
+        try:
+            write_durably(path, write_new)
+            finished = True
+        except KeyboardInterrupt:
+            finished = False
+        finally:
+            sys.settrace(None)
+        assert os.listdir(tmp_path) == ["summary.json"], f"after an interrupt at line {interrupted_at}"
+        assert path.read_text() in ("old", "new")
+        if finished:
+            break
+        path.write_text("old")
+    assert interrupted_at > 5 and path.read_text() == "new"
+
+
 # --- one run directory, one process ------------------------------------------------------------------------------
 
 

@@ -12,32 +12,31 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 from dlnotes.errors import UserError
 
-_UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it) and put back at once
-os.umask(_UMASK)
-
 
 def write_durably(path: Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Call `write(file)` on a temporary file next to `path`, then make it `path` in one atomic step."""
+    """Call `write(file)` on a temporary file next to `path`, then make it `path` in one atomic step.
+
+    A stop signal's exception can arrive between any two lines of Python, so the temporary file's name is known
+    before the file exists (tempfile.mkstemp creates the file and only then, in Python, returns its name) and
+    it is created by one system call inside the `try` that removes it."""
     path = Path(path)
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(6)}.tmp")
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    except OSError as err:
-        raise UserError(f"Cannot write {path}: {err.strerror or err}.") from err
-    try:
-        if hasattr(os, "fchmod"):  # mkstemp makes the file private (0600); a run file is an ordinary file
-            os.fchmod(fd, 0o666 & ~_UMASK)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)  # umask applies
         with os.fdopen(fd, "wb") as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
+    except FileExistsError as err:  # another writer's temporary file has this name (48 random bits): not ours
+        raise UserError(f"Cannot write {path}: {tmp} exists.") from err
     except BaseException as err:  # KeyboardInterrupt too: the second Ctrl-C must not leave its temporary file behind
         with contextlib.suppress(OSError):
             os.unlink(tmp)
