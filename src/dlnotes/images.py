@@ -16,8 +16,9 @@ from dlnotes.errors import UserError
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo is fine; a 20000x12000 PNG that is small on disk is refused
 
 
-def read_image_like_mnist(path: str | Path, style: str = "digit") -> np.ndarray:
-    """Return a (28, 28) uint8 image in the training data's convention. `style` is "digit" or "fashion"."""
+def open_image(path: str | Path, mode: str = "RGB"):
+    """An image file as a PIL image in `mode` ("RGB", "L"), upright by its EXIF orientation. A missing file, a
+    file too large to decode safely or one that does not decode is one clear error."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
@@ -29,13 +30,20 @@ def read_image_like_mnist(path: str | Path, style: str = "digit") -> np.ndarray:
             if width * height > MAX_PIXELS:
                 raise UserError(f"{path} is {width}x{height} pixels, more than the {MAX_PIXELS:,} accepted "
                                 "(a small file can decode to gigabytes); scale it down first.")
-            image = ImageOps.exif_transpose(opened).convert("L")
+            return ImageOps.exif_transpose(opened).convert(mode)
     except UserError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as err:
         raise UserError(f"Cannot read {path} as an image: {err}") from err
     except Exception as err:  # a truncated or malformed file fails inside whichever decoder PIL picked
         raise UserError(f"Cannot read {path} as an image ({type(err).__name__}: {err}).") from err
+
+
+def read_image_like_mnist(path: str | Path, style: str = "digit") -> np.ndarray:
+    """Return a (28, 28) uint8 image in the training data's convention. `style` is "digit" or "fashion"."""
+    from PIL import Image
+
+    image = open_image(path, "L")
     pixels = np.asarray(image, dtype=np.float32)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     if border.mean() > 127:  # dark ink on light paper: flip to the dataset's light-on-dark
