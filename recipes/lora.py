@@ -55,6 +55,7 @@ from dlnotes.device import pick_device, seed_everything
 from dlnotes.errors import UserError
 from dlnotes.flags import require_positive
 from dlnotes.launch import cli
+from dlnotes.plots import plot_learning_curves
 from dlnotes.speedups import autocast, resolve_precision
 from dlnotes.textdata import load_text_classification
 from dlnotes.tracking import Run, read_run_config
@@ -369,7 +370,10 @@ def main(cfg: Config) -> dict[str, float]:
     after = label_logits(merged, prompts, prompts.prefix([]), check, device, "fp32")
     merged.save_pretrained(run.dir / "merged")
     tokenizer.save_pretrained(run.dir / "merged")  # with the chat template: `dlnotes serve --model RUN/merged`
-    plot_learning_curve(results, sizes, run.dir / "learning_curve.png")
+    plot_learning_curves(sizes, {"LoRA fine-tuned on n reviews": [results[f"lora_test_acc_{n}"] for n in sizes]},
+                         run.dir / "learning_curve.png", "training reviews", log_x=True, title="prompt or fine-tune?",
+                         levels={f"{results['best_k']}-shot prompt": results["kshot_test_acc"],
+                                 "zero-shot prompt": results["zeroshot_test_acc"]})
     return run.finish({"test_acc": results[f"lora_test_acc_{sizes[-1]}"],
                        "kshot_test_acc": results["kshot_test_acc"], "zeroshot_test_acc": results["zeroshot_test_acc"],
                        "best_k": results["best_k"],
@@ -377,21 +381,6 @@ def main(cfg: Config) -> dict[str, float]:
                        "merge_max_logit_diff": (after - before).abs().max().item(),
                        "trainable_params": trainable, "test_reviews": len(test_texts),
                        "prompt_s": results["prompt_s"], "train_s": train_s})
-
-
-def plot_learning_curve(results: dict, sizes: list[int], path: Path) -> None:
-    from dlnotes.plots import pyplot
-
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(sizes, [results[f"lora_test_acc_{n}"] for n in sizes], "o-", label="LoRA fine-tuned on n reviews")
-    ax.axhline(results["kshot_test_acc"], ls="--", color="C1", label=f"{results['best_k']}-shot prompt")
-    ax.axhline(results["zeroshot_test_acc"], ls=":", color="C2", label="zero-shot prompt")
-    ax.set(xscale="log", xlabel="training reviews", ylabel="test accuracy", title="prompt or fine-tune?")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # --- using the fine-tuned model -----------------------------------------------------------------------------

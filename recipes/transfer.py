@@ -55,7 +55,7 @@ from dlnotes.errors import UserError
 from dlnotes.flags import require_choice, require_positive
 from dlnotes.images import open_image, read_image_like_mnist
 from dlnotes.launch import cli
-from dlnotes.plots import pyplot
+from dlnotes.plots import plot_learning_curves, pyplot
 from dlnotes.pretrained import imagenet_classes, imagenet_model, shipped_photos
 from dlnotes.speedups import autocast, resolve_precision
 from dlnotes.tracking import Run
@@ -333,7 +333,11 @@ def main(cfg: Config) -> dict[str, float]:
         scratch = [results[k] for k in (f"scratch_acc_{name}", f"resnet_acc_{name}") if k in results]
         if scratch:
             results[f"gain_at_{name}"] = results[f"finetune_acc_{name}"] - max(scratch)
-    plot_learning_curve(results, points, run.dir / "learning_curve.png")
+    names = [str(n or "all") for n in points]
+    methods = {"probe": "linear probe", "last": "+ last stage", "finetune": "+ full fine-tune",
+               "scratch": "same net, from scratch", "resnet": "resnet recipe, from scratch"}
+    plot_learning_curves(names, {label: [results.get(f"{m}_acc_{n}", math.nan) for n in names]
+                                 for m, label in methods.items()}, run.dir / "learning_curve.png", "training labels")
     most = max(points, key=lambda n: n or math.inf)  # predict uses the network fine-tuned on the most labels
     save_checkpoint(run.dir, run.recipe, nets[f"pretrained_{most}"], cfg, classes=list(data.classes), labels=most)
     return run.finish(metrics | results)
@@ -365,24 +369,6 @@ def imagenet_demo(weights: str, device: torch.device, run_dir: Path) -> dict[str
     fig.savefig(run_dir / "photos.png", dpi=100)
     plt.close(fig)
     return {"chelsea_cat_prob": probs[list(photos).index("chelsea"), list(CAT_CLASSES)].sum().item()}
-
-
-def plot_learning_curve(results: dict[str, float], points: list[int], path: Path) -> None:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    names = [str(n or "all") for n in points]
-    for method, label in [("probe", "linear probe"), ("last", "+ last stage"), ("finetune", "+ full fine-tune"),
-                          ("scratch", "same net, from scratch"), ("resnet", "resnet recipe, from scratch")]:
-        values = [results.get(f"{method}_acc_{name}", math.nan) for name in names]
-        if not all(math.isnan(v) for v in values):
-            ax.plot(names, values, marker="o", label=label)
-    ax.set_xlabel("training labels")
-    ax.set_ylabel("test accuracy")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # --- using the trained model --------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ matplotlib is imported inside the functions, with the file-only Agg backend, so 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,29 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> N
         if len(panel) > 1:
             ax.legend()
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@main_rank_only
+def plot_learning_curves(x: list, lines: dict[str, list[float]], path: Path, xlabel: str,
+                         levels: dict[str, float] | None = None, log_x: bool = False, title: str = "") -> None:
+    """Test accuracy against the amount of training data: one line per method (NaN points and all-NaN lines
+    are left out), and a dashed level for each method that does not depend on it (a prompt, a baseline)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, values in lines.items():
+        if not all(math.isnan(v) for v in values):
+            ax.plot(x, values, marker="o", label=label)
+    for i, (label, value) in enumerate((levels or {}).items()):
+        ax.axhline(value, ls=("--", ":", "-.")[i % 3], color=f"C{len(lines) + i}", label=label)
+    ax.set(xlabel=xlabel, ylabel="test accuracy", title=title, xscale="log" if log_x else "linear")
+    if log_x:  # the measured sizes as the ticks, written plainly (not 3 x 10^1)
+        ax.set_xticks(x, [str(v) for v in x])
+        ax.minorticks_off()
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
