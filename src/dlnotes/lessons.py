@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from dlnotes.errors import UserError
+from dlnotes.errors import DataError, UserError
 
 
 @dataclass(frozen=True)
@@ -212,3 +212,23 @@ def recipes_of(chunks: list[Chunk]) -> list[str]:
     found = {c.id.split("#")[0].removeprefix("recipe/") for c in chunks if c.id.startswith("recipe/")}
     found |= {w for c in chunks for w in re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", c.text) if w in ids}
     return sorted(found)
+
+
+def load_questions(chunks: list[Chunk], limit: int = 0) -> list[dict]:
+    """data/rag-questions/questions.jsonl: {"id", "lang", "question", "gold": [chunk ids]} per line."""
+    from dlnotes.datasets import data_root  # here: datasets imports numpy, needed only when questions are read
+    path = data_root() / "rag-questions" / "questions.jsonl"
+    try:
+        questions = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not all(q["question"] and q["gold"] and q["lang"] in ("en", "zh") for q in questions):
+            raise ValueError("every line needs a question, gold ids and lang en or zh")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"Cannot read {path}: {type(err).__name__} {err}") from None
+    known = {c.id for c in chunks}
+    for q in questions:
+        missing = [g for g in q["gold"] if g not in known]
+        if missing:  # a heading was renamed: the question still counts, on the ids that remain
+            print(f"note: {q['id']}: gold chunk {', '.join(missing)} is not in the corpus any more")
+    if limit:  # the first `limit` of each language
+        questions = [q for lang in ("en", "zh") for q in [q for q in questions if q["lang"] == lang][:limit]]
+    return questions
