@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
@@ -145,3 +146,27 @@ def assert_one_line_error(result, *fragments: str, code: int = 2) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+@contextlib.contextmanager
+def ctrl_c_after_update(n: int):
+    """A real SIGINT to this process right after the n-th `Run.update` (the n-th training step), handled by the
+    Run as a user's Ctrl-C: a stop request at that step's boundary. Run.update is itself again afterwards."""
+    import signal
+
+    from dlnotes.tracking import Run
+
+    calls, update = 0, Run.update
+
+    def update_then_ctrl_c(self, samples, **values):
+        nonlocal calls
+        update(self, samples, **values)
+        calls += 1
+        if calls == n:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    Run.update = update_then_ctrl_c
+    try:
+        yield
+    finally:
+        Run.update = update

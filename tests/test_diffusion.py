@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, ctrl_c_after_update
 
 from dlnotes import catalog
 from dlnotes.datasets import load_image_dataset
@@ -91,30 +91,16 @@ def test_judge_run_of_another_recipe_is_one_line(invoke, out_dir: Path) -> None:
     assert not (out_dir / "diffusion").exists()  # refused before a run directory was made
 
 
-def test_interrupted_and_resumed_run_ends_as_an_uninterrupted_one(smoke_run, out_dir: Path, monkeypatch) -> None:
+def test_interrupted_and_resumed_run_ends_as_an_uninterrupted_one(smoke_run, out_dir: Path) -> None:
     """Exact resume: the noise, timesteps and label dropout come from the run's generator, saved with the weights."""
-    import os
-    import signal
-
     from dlnotes import options
     from dlnotes.errors import TrainingInterrupted
-    from dlnotes.tracking import Run
 
     settings = {"epochs": 2, "limit_batches": 3}
     _, whole = smoke_run("diffusion", **settings)
-    calls, update = 0, Run.update
-
-    def update_then_ctrl_c(self, samples, **values):
-        nonlocal calls
-        update(self, samples, **values)
-        calls += 1
-        if calls == 4:  # epoch 2, batch 1
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(Run, "update", update_then_ctrl_c)
-    with pytest.raises(TrainingInterrupted, match="Interrupted at step 4"):
-        smoke_run("diffusion", **settings, out=str(out_dir / "b"))
-    monkeypatch.setattr(Run, "update", update)
+    with ctrl_c_after_update(4):  # epoch 2, batch 1
+        with pytest.raises(TrainingInterrupted, match="Interrupted at step 4"):
+            smoke_run("diffusion", **settings, out=str(out_dir / "b"))
     interrupted = next((out_dir / "b" / "diffusion").iterdir())
     with options.using(options.RunOptions(resume=str(interrupted))):
         smoke_run("diffusion", **settings, out=str(out_dir / "b"))

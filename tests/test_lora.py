@@ -4,18 +4,16 @@ scores like a full forward, exact resume, predict and serve from RUN/merged, bad
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, ctrl_c_after_update
 
 from dlnotes import catalog, options
 from dlnotes.errors import TrainingInterrupted
 from dlnotes.textdata import LABEL_NAMES
-from dlnotes.tracking import Run, latest_run
+from dlnotes.tracking import latest_run
 
 REVIEWS = ["A moving, funny film.", "Dull and lifeless; two hours of my life gone.", "Critics say it is fine."]
 
@@ -135,7 +133,7 @@ def test_smoke_run_writes_a_merged_model_that_predict_and_serve_load(smoke, lora
     assert served.name == "merged" and served.tokenizer.chat_template
 
 
-def test_interrupted_and_resumed_run_ends_with_the_same_adapter(smoke, lora, tmp_path: Path, monkeypatch) -> None:
+def test_interrupted_and_resumed_run_ends_with_the_same_adapter(smoke, lora, tmp_path: Path) -> None:
     """Ctrl-C inside the second training size (step 5 of 3 + 4), then --resume: the metrics and merged weights of
     the uninterrupted smoke run with the same config."""
     from safetensors.torch import load_file
@@ -146,19 +144,9 @@ def test_interrupted_and_resumed_run_ends_with_the_same_adapter(smoke, lora, tmp
         return lora.Config(**catalog.config_values(info, smoke=True, device="cpu", out=str(out)))
 
     _, reference = smoke
-    calls, update = 0, Run.update
-
-    def update_then_ctrl_c(self, samples, **values):
-        nonlocal calls
-        update(self, samples, **values)
-        calls += 1
-        if calls == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(Run, "update", update_then_ctrl_c)
-    with pytest.raises(TrainingInterrupted, match="Interrupted at step 5"):
-        lora.main(config(tmp_path / "b"))
-    monkeypatch.setattr(Run, "update", update)
+    with ctrl_c_after_update(5):
+        with pytest.raises(TrainingInterrupted, match="Interrupted at step 5"):
+            lora.main(config(tmp_path / "b"))
     run_dir = latest_run(tmp_path / "b", "lora")
     with options.using(options.RunOptions(resume=str(run_dir))):
         metrics = lora.main(config(tmp_path / "b"))

@@ -4,14 +4,12 @@ Fashion-MNIST subset is stratified and checked, training learns, resumes exactly
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, ctrl_c_after_update
 from PIL import Image
 
 from dlnotes import catalog
@@ -154,10 +152,10 @@ def test_loss_falls_and_the_run_says_which_test_set(smoke_run) -> None:
         assert (run_dir / picture).stat().st_size > 1000, picture
 
 
-def test_interrupted_and_resumed_in_process_matches_an_uninterrupted_run(tmp_path: Path, monkeypatch) -> None:
+def test_interrupted_and_resumed_in_process_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     from dlnotes import options
     from dlnotes.errors import TrainingInterrupted
-    from dlnotes.tracking import Run, latest_run
+    from dlnotes.tracking import latest_run
 
     def config(out: Path):
         values = catalog.config_values(catalog.get("resnet"), smoke=True, epochs=2, limit_batches=4, batch_size=32,
@@ -167,19 +165,9 @@ def test_interrupted_and_resumed_in_process_matches_an_uninterrupted_run(tmp_pat
     resnet.main(config(tmp_path / "a"))
     reference = latest_run(tmp_path / "a", "resnet")
 
-    calls, update = 0, Run.update
-
-    def update_then_ctrl_c(self, samples, **values):
-        nonlocal calls
-        update(self, samples, **values)
-        calls += 1
-        if calls == 6:  # epoch 2, batch 2: the resumed run must redraw the same batches and augmentations
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(Run, "update", update_then_ctrl_c)
-    with pytest.raises(TrainingInterrupted, match="Interrupted at step 6"):
-        resnet.main(config(tmp_path / "b"))
-    monkeypatch.setattr(Run, "update", update)
+    with ctrl_c_after_update(6):  # epoch 2, batch 2: the resumed run must redraw the same batches and augmentations
+        with pytest.raises(TrainingInterrupted, match="Interrupted at step 6"):
+            resnet.main(config(tmp_path / "b"))
     run_dir = latest_run(tmp_path / "b", "resnet")
     with options.using(options.RunOptions(resume=str(run_dir))):
         resnet.main(config(tmp_path / "b"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, ctrl_c_after_update
 from typer.testing import CliRunner
 
 from dlnotes.cli import app
@@ -204,35 +204,22 @@ def mlp_config(out: Path):
     return module, module.Config(**values)
 
 
-def test_main_interrupted_and_resumed_in_process_matches_an_uninterrupted_run(tmp_path: Path, monkeypatch) -> None:
+def test_main_interrupted_and_resumed_in_process_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     """The same exact-resume promise as the subprocess test, without a subprocess: a Ctrl-C sent to this very
     process from inside step 13 (epoch 2, batch 3), then `main(cfg)` again under `options.using(--resume)`."""
-    import os
 
     from dlnotes import options
     from dlnotes.errors import TrainingInterrupted
-    from dlnotes.tracking import Run
 
     mlp, cfg = mlp_config(tmp_path / "a")
     mlp.main(cfg)
     reference = latest_run(tmp_path / "a", "mlp")
 
-    calls = 0
-    update = Run.update
-
-    def update_then_ctrl_c(self, samples, **values):
-        nonlocal calls
-        update(self, samples, **values)
-        calls += 1
-        if calls == 13:
-            os.kill(os.getpid(), signal.SIGINT)  # handled by the Run: a stop request at this step's boundary
-
-    monkeypatch.setattr(Run, "update", update_then_ctrl_c)
     _, cfg = mlp_config(tmp_path / "b")
     before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(TrainingInterrupted, match="Interrupted at step 13"):
-        mlp.main(cfg)
-    monkeypatch.setattr(Run, "update", update)
+    with ctrl_c_after_update(13):  # handled by the Run: a stop request at this step's boundary
+        with pytest.raises(TrainingInterrupted, match="Interrupted at step 13"):
+            mlp.main(cfg)
     run_dir = latest_run(tmp_path / "b", "mlp")
     assert [p.name for p in (run_dir / "checkpoints").glob("last-*.pt")] == ["last-00000013.pt"]
     assert signal.getsignal(signal.SIGINT) is before  # the Run gave Ctrl-C back to whoever had it

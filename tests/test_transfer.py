@@ -4,14 +4,13 @@ original one, the comparison with resnet runs on the same labels, exact resume, 
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, ctrl_c_after_update
 
 from dlnotes import catalog
 from dlnotes.datasets import FASHION_CLASSES, labelled_subset
@@ -168,31 +167,17 @@ def test_compared_with_resnet_on_the_same_labels_and_its_runs_are_reused(tmp_pat
     assert transfer.prior_runs.run_with("resnet", out_dir, "cpu", train_labels=20, epochs=3).trained_now
 
 
-def test_interrupted_in_fine_tuning_and_resumed_matches_an_uninterrupted_run(tmp_path: Path,
-                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_in_fine_tuning_and_resumed_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     """Ctrl-C in the middle of the fine-tuning stage, then --resume: the same accuracies and weights."""
-    import os
-
     from dlnotes import options
     from dlnotes.errors import TrainingInterrupted
-    from dlnotes.tracking import Run
 
     overrides = {"finetune_steps": 3, "scratch_steps": 0}
     reference = transfer.main(tiny_config(tmp_path / "a", **overrides))
 
-    calls, update = 0, Run.update
-
-    def update_then_ctrl_c(self, samples, **values):
-        nonlocal calls
-        update(self, samples, **values)
-        calls += 1
-        if calls == 3 + 2 + 2:  # probe 3 steps, last stage 2, then 2 of the 3 fine-tuning steps
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(Run, "update", update_then_ctrl_c)
-    with pytest.raises(TrainingInterrupted, match="Interrupted at step 7"):
-        transfer.main(tiny_config(tmp_path / "b", **overrides))
-    monkeypatch.setattr(Run, "update", update)
+    with ctrl_c_after_update(3 + 2 + 2):  # probe 3 steps, last stage 2, then 2 of the 3 fine-tuning steps
+        with pytest.raises(TrainingInterrupted, match="Interrupted at step 7"):
+            transfer.main(tiny_config(tmp_path / "b", **overrides))
     run_dir = latest_run(tmp_path / "b", "transfer")
     with options.using(options.RunOptions(resume=str(run_dir))):
         resumed = transfer.main(tiny_config(tmp_path / "b", **overrides))
