@@ -138,6 +138,21 @@ def test_train_labels_picks_a_fixed_stratified_subset() -> None:
         labelled_subset(labels, 6001, 10)
 
 
+
+
+def test_augment_shifts_whole_pixels_and_never_mirrors() -> None:
+    images = torch.from_numpy(load_fashion_mnist("subset").test_images[:64]).float()[:, None]  # (64, 1, 28, 28)
+    background = -resnet.MNIST_MEAN / resnet.MNIST_STD
+    shifted = resnet.augment(images, torch.Generator().manual_seed(0))
+    assert shifted.shape == images.shape
+    padded = torch.nn.functional.pad(images, (2,) * 4, value=background)  # (64, 1, 32, 32)
+    offsets = [(dy, dx) for dy in range(5) for dx in range(5)]
+    for original, out in zip(padded, shifted):
+        windows = [original[:, dy : dy + 28, dx : dx + 28] for dy, dx in offsets]
+        assert any(torch.equal(out, w) for w in windows)  # a crop of the padded image: a pure shift
+        mirrored = [w.flip(2) for w in windows]
+        assert not any(torch.equal(out, m) for m in mirrored)  # shoes point left in every test image
+    assert not torch.equal(shifted, images)  # it does move them
 # --- training, resume, predict -------------------------------------------------------------------------
 
 
