@@ -6,6 +6,7 @@ matplotlib is imported inside the functions, with the file-only Agg backend, so 
 from __future__ import annotations
 
 import math
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ def plot_learning_curves(x: list, lines: dict[str, list[float]], path: Path, xla
                          levels: dict[str, float] | None = None, log_x: bool = False, title: str = "") -> None:
     """Test accuracy against the amount of training data: one line per method (NaN points and all-NaN lines
     are left out), and a dashed level for each method that does not depend on it (a prompt, a baseline)."""
-    if not all(isinstance(v, (int, float)) for v in x):  # strings become categories, which set_xscale erases
+    if not all(isinstance(v, numbers.Real) for v in x):  # strings become categories, which set_xscale erases
         raise TypeError(f"plot_learning_curves needs numbers on the x axis, not {x!r}")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
