@@ -141,12 +141,37 @@ def test_the_worker_runs_a_registered_baseline(tmp_path: Path, monkeypatch: pyte
 
     monkeypatch.setitem(baselines.BASELINES, "mlp", [baselines.Baseline("mlp", "fake loop", fake)])
     result_file = tmp_path / "result.json"
-    monkeypatch.setattr(sys, "argv", ["-c", "mlp", "cpu", str(tmp_path / "runs"), str(result_file), "fake loop"])
+    monkeypatch.setattr(sys, "argv", ["-c", "mlp", "cpu", str(tmp_path / "runs"), str(result_file), "0", "fake loop"])
     bench.bench_worker()
     result = json.loads(result_file.read_text())
     assert result["throughput"] == 50.0 and result["device_seen"] == "cpu" and result["target_met"] is True
     assert result["wall_s"] >= 0 and result["peak_rss_mib"] > 0
     assert not (tmp_path / "runs").exists()  # a baseline is not a recipe run: no run directory
+
+
+def test_run_k_gets_seed_k_minus_1_and_so_do_baselines_that_take_one(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Medians over seeds, not over reruns of seed 0: the worker passes its seed to a baseline with a `seed`
+    parameter (and leaves one without it alone)."""
+    seen: list[int] = []
+
+    def seeded(device: str, seed: int = 0) -> dict:
+        seen.append(seed)
+        return {"throughput": 50.0, "throughput_unit": "samples/s"}
+
+    monkeypatch.setitem(baselines.BASELINES, "mlp", [baselines.Baseline("mlp", "seeded", seeded),
+                                                     baselines.Baseline("mlp", "plain", lambda device: {})])
+    for seed, name in (("2", "seeded"), ("1", "plain")):
+        result_file = tmp_path / f"{name}.json"
+        monkeypatch.setattr(sys, "argv", ["-c", "mlp", "cpu", str(tmp_path / "runs"), str(result_file), seed, name])
+        bench.bench_worker()
+        assert json.loads(result_file.read_text())["seed"] == int(seed)
+    assert seen == [2]
+    commands: list[list[str]] = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda command, **kw: commands.append(command) or
+                        type("Done", (), {"returncode": 1})())
+    bench.run_worker(catalog.get("mlp"), "cpu", tmp_path, 3)
+    assert commands[0][-3] == "2"  # run 3 -> seed 2 (then the baseline name and recipe run, empty here)
 
 
 def test_a_baseline_that_never_met_the_target_bounds_the_ratio() -> None:
@@ -221,3 +246,23 @@ def test_recipe_and_baseline_runs_alternate(tmp_path: Path, monkeypatch: pytest.
     _, rows = bench.run_bench([catalog.get("mlp")], 2, "cpu", tmp_path, report=lambda line: None)
     assert order == [("mlp", 1), ("loop a", 1), ("loop b", 1), ("mlp", 2), ("loop a", 2), ("loop b", 2)]
     assert rows[0]["runs"] == 2
+
+
+def test_a_run_that_never_met_the_target_counts_as_the_latest_in_the_median() -> None:
+    """Three seeds of the notes' loop, one never there: the median is the slower seed that got there, not the
+    mean of the two that did; with two never there, the median is None and its bound uses their clocks."""
+    info = catalog.get("cnn-mnist")
+
+    def run(time_to_target: float | None, clock: float) -> dict:
+        return {"metric": 0.986 if time_to_target else 0.984, "target_met": bool(time_to_target),
+                "time_to_target_s": time_to_target, "clock_s": clock, "wall_s": clock, "throughput": 4000.0,
+                "throughput_unit": "samples/s"}
+
+    one_never = bench.summarize(info, [run(16.8, 16.8), run(34.6, 34.6), run(None, 49.0)], baseline="loop")
+    assert one_never["met"] == 2 and one_never["time_to_target_s"] == 34.6
+    assert one_never["time_to_target_at_least_s"] is None
+    two_never = bench.summarize(info, [run(16.8, 16.8), run(None, 40.0), run(None, 49.0)], baseline="loop")
+    assert two_never["time_to_target_s"] is None and two_never["time_to_target_at_least_s"] == 40.0
+    recipe = bench.summarize(info, [{**run(8.0, 12.0), "run_dir": "x"}])
+    assert bench.compare(recipe, one_never)["time_to_target_ratio"] == pytest.approx(34.6 / 8.0)
+    assert bench.compare(recipe, two_never)["time_to_target_ratio_at_least"] == 5.0

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 import tokenize
 from pathlib import Path
 
 import pytest
 
-from dlnotes import catalog, cli, entry, listing
+from dlnotes import catalog, cli, entry, launch, listing
 
 
 @pytest.mark.parametrize("args, options", [
@@ -63,3 +64,30 @@ def test_field_help_comes_from_the_config_lines_alone(tmp_path: Path) -> None:
                       '    sizes: str = (  # a default over lines\n        "a"\n    )\n    plain: int = 3\n')
     fields = {f.name: f.help for f in catalog.read_recipe(recipe).fields}
     assert fields == {"name": "accents before the comment", "sizes": "a default over lines", "plain": ""}
+
+
+@pytest.mark.parametrize("others, expected", [(0, {"GOMP_SPINCOUNT": launch.SPIN_COUNT}),
+                                              (1, {"OMP_WAIT_POLICY": "PASSIVE"})])
+def test_idle_threads_spin_briefly_alone_and_sleep_beside_other_jobs(others: int, expected: dict,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.setenv(name, "")  # remembers the value before, so teardown restores what the test sets
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(launch, "other_runnable_processes", lambda: others)
+    launch.quiet_idle_threads()
+    assert {k: os.environ.get(k) for k in expected} == expected
+    assert len({"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ)) == 1
+
+
+def test_an_explicit_wait_policy_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "")
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setattr(launch, "other_runnable_processes", lambda: 0)
+    launch.quiet_idle_threads()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE" and "GOMP_SPINCOUNT" not in os.environ
+
+
+def test_runnable_processes_are_counted_without_this_one() -> None:
+    count = launch.other_runnable_processes(samples=3, interval_s=0.001)
+    assert count >= 0 if Path("/proc/loadavg").is_file() else count == 1.0

@@ -17,13 +17,16 @@ recipe's `main` in-process, then reads the run directory it wrote:
                      throughput theirs is (and how many times sooner the recipe met the target, when both did);
                      an `after_recipe` baseline is handed the recipe's run directory, to match its training time
 
-`--repeat N` runs each recipe N times and reports medians. Results go to OUT/bench/STAMP/bench.json and
-bench.md (the Markdown table), with every run directory and log beside them.
+`--repeat N` runs each recipe N times, run k with seed k - 1 (its baselines too, where they take a seed), and
+reports medians: over seeds, so one lucky or unlucky seed does not decide a ratio. Results go to
+OUT/bench/STAMP/bench.json and bench.md (the Markdown table), with every run directory and log beside them.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import os
 import platform
 import statistics
@@ -112,8 +115,10 @@ def run_worker(info: catalog.RecipeInfo, device: str, folder: Path, attempt: int
                stem: str = "", recipe_run: str = "") -> dict[str, Any]:
     result_file = folder / f"{stem or info.id}-{attempt}.json"
     log_file = folder / f"{stem or info.id}-{attempt}.log"
+    # Run k uses seed k - 1, the recipe and its baselines alike: the medians are over seeds, not over reruns
+    # of one seed (whose luck, good or bad, would then be in every run).
     command = [sys.executable, "-c", "from dlnotes.bench import bench_worker; bench_worker()",
-               info.id, device, str(folder / "runs"), str(result_file), baseline, recipe_run]
+               info.id, device, str(folder / "runs"), str(result_file), str(attempt - 1), baseline, recipe_run]
     with log_file.open("w") as log:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
     if code != 0 or not result_file.is_file():
@@ -123,27 +128,30 @@ def run_worker(info: catalog.RecipeInfo, device: str, folder: Path, attempt: int
 
 
 def bench_worker() -> None:
-    """In the worker process: argv = recipe id, device, runs folder, result file, the name of one of the
+    """In the worker process: argv = recipe id, device, runs folder, result file, seed, the name of one of the
     recipe's baselines to run instead of the recipe (empty: the recipe), and the recipe's run directory for a
     baseline that measures against it."""
     import resource
 
     from dlnotes.launch import quiet_idle_threads
 
-    recipe, device, runs, result_file = sys.argv[1:5]
-    baseline = sys.argv[5] if len(sys.argv) > 5 else ""
-    recipe_run = sys.argv[6] if len(sys.argv) > 6 else ""
+    recipe, device, runs, result_file, seed = sys.argv[1:6]
+    baseline = sys.argv[6] if len(sys.argv) > 6 else ""
+    recipe_run = sys.argv[7] if len(sys.argv) > 7 else ""
     quiet_idle_threads()
     info = catalog.get(recipe)
-    result = baseline_result(info, baseline, device, recipe_run) if baseline else recipe_result(info, device, runs)
+    result = (baseline_result(info, baseline, device, recipe_run, int(seed)) if baseline
+              else recipe_result(info, device, runs, int(seed)))
+    result["seed"] = int(seed)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     Path(result_file).write_text(json.dumps(result))
 
 
-def recipe_result(info: catalog.RecipeInfo, device: str, runs: str) -> dict[str, Any]:
-    """Run the recipe's default configuration in this process and read what it reached from its run directory."""
+def recipe_result(info: catalog.RecipeInfo, device: str, runs: str, seed: int = 0) -> dict[str, Any]:
+    """Run the recipe's default configuration (with `seed`, where it has one) in this process and read what it
+    reached from its run directory."""
     module = catalog.load_module(info)
-    cfg = module.Config(**catalog.config_values(info, device=device, out=runs))
+    cfg = module.Config(**catalog.config_values(info, device=device, out=runs, seed=seed))
     start = time.perf_counter()
     metrics = module.main(cfg)
     wall = time.perf_counter() - start
@@ -168,12 +176,15 @@ def recipe_result(info: catalog.RecipeInfo, device: str, runs: str) -> dict[str,
     return result
 
 
-def baseline_result(info: catalog.RecipeInfo, name: str, device: str, recipe_run: str = "") -> dict[str, Any]:
-    """Run the recipe's baseline `name` in this process: its own fields, the wall time, and whether the target
-    holds when it reports the metric."""
+def baseline_result(info: catalog.RecipeInfo, name: str, device: str, recipe_run: str = "",
+                    seed: int = 0) -> dict[str, Any]:
+    """Run the recipe's baseline `name` in this process (with `seed`, where it takes one): its own fields, the
+    wall time, and whether the target holds when it reports the metric."""
     start = time.perf_counter()
     base = baselines.find(info.id, name)
-    result = dict(base.run(device, recipe_run) if base.after_recipe else base.run(device))
+    args = (device, recipe_run) if base.after_recipe else (device,)
+    seeded = "seed" in inspect.signature(base.run).parameters
+    result = dict(base.run(*args, seed=seed) if seeded else base.run(*args))
     result["wall_s"] = time.perf_counter() - start
     if result.get("metric") is not None:
         result["target_met"] = info.target.met(float(result["metric"]))
@@ -203,10 +214,20 @@ def summarize(info: catalog.RecipeInfo, attempts: list[dict[str, Any]], baseline
                            "errors": [a["error"] for a in attempts if "error" in a]}
     if baseline:
         row["baseline"] = baseline
-    for key in ("metric", "wall_s", "time_to_target_s", "throughput", "peak_rss_mib", "peak_cuda_mib", "ceiling",
-                "ceiling_fraction", "clock_s"):
+    for key in ("metric", "wall_s", "throughput", "peak_rss_mib", "peak_cuda_mib", "ceiling", "ceiling_fraction",
+                "clock_s"):
         values = [a[key] for a in good if a.get(key) is not None]
         row[key] = statistics.median(values) if values else None
+    # A run that never met the target counts as later than every run that did: dropping it would make a seed that
+    # never gets there look like no seed at all. Medians that fall on such a run are None (never met).
+    times = [a["time_to_target_s"] if a.get("time_to_target_s") is not None else math.inf for a in good]
+    median_time = statistics.median(times) if times else math.inf
+    row["time_to_target_s"] = median_time if median_time < math.inf else None
+    # Where that median is None, a lower bound for it: a run that never met the target would have met it after
+    # its whole clock at the earliest, so the median of (time to target, else clock) bounds it from below.
+    bounds = [a.get("time_to_target_s") or a.get("clock_s") for a in good]
+    row["time_to_target_at_least_s"] = (statistics.median(bounds) if row["time_to_target_s"] is None and bounds
+                                        and all(b is not None for b in bounds) else None)
     row["throughput_unit"] = next((a["throughput_unit"] for a in good if "throughput_unit" in a), "")
     row["run_dirs"] = [a["run_dir"] for a in good if "run_dir" in a]  # baselines write no run directory
     return row
@@ -219,14 +240,13 @@ def compare(recipe_row: dict[str, Any], baseline_row: dict[str, Any]) -> dict[st
         return top / bottom if top and bottom else None
 
     same_unit = recipe_row["throughput_unit"] == baseline_row["throughput_unit"]
-    never_met = baseline_row["met"] == 0 and baseline_row["time_to_target_s"] is None
     return baseline_row | {
         "throughput_ratio": ratio(recipe_row["throughput"], baseline_row["throughput"]) if same_unit else None,
         "time_to_target_ratio": ratio(baseline_row["time_to_target_s"], recipe_row["time_to_target_s"]),
-        # a baseline that never met the target ran its whole budget (`clock_s`, on the clock its time to target would
-        # have been read from) without it: the recipe was at least this many times sooner
-        "time_to_target_ratio_at_least": ratio(baseline_row.get("clock_s"), recipe_row["time_to_target_s"])
-        if never_met else None}
+        # a baseline whose median run never met the target ran its whole budget (`clock_s`, on the clock its time to
+        # target would have been read from) without it: the recipe was at least this many times sooner
+        "time_to_target_ratio_at_least": ratio(baseline_row.get("time_to_target_at_least_s"),
+                                               recipe_row["time_to_target_s"])}
 
 
 def describe_machine(device: str) -> dict[str, Any]:
@@ -286,5 +306,6 @@ def times_baseline(row: dict[str, Any]) -> str:
     if row.get("time_to_target_ratio"):
         parts.append(f"{row['time_to_target_ratio']:,.1f}× sooner to target")
     elif row.get("time_to_target_ratio_at_least"):
-        parts.append(f"over {row['time_to_target_ratio_at_least']:,.1f}× sooner to target (baseline never met it)")
+        never = "baseline never met it" if row.get("met") == 0 else "the baseline's median run never met it"
+        parts.append(f"over {row['time_to_target_ratio_at_least']:,.1f}× sooner to target ({never})")
     return ", ".join(parts) or "—"

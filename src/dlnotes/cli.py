@@ -136,7 +136,8 @@ def smoke(
 @user_errors
 def bench(
     recipes: list[str] | None = typer.Argument(None, help="Recipe ids (default: every recipe with a TARGET)."),
-    repeat: int = typer.Option(1, "--repeat", min=1, help="Runs per recipe; the table shows medians."),
+    repeat: int = typer.Option(1, "--repeat", min=1,
+                               help="Runs per recipe, run k with seed k-1; the table shows medians."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | mps"),
     out: Path = typer.Option(Path("runs"), "--out", help="bench.json, bench.md and the runs go under OUT/bench/."),
 ) -> None:
