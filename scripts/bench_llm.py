@@ -10,7 +10,8 @@
     ... --ttft 1000                                       time to first token of a 1,000-token prompt
     ... --quality                                         held-out perplexity and greedy replies against fp32
 
-Threads and OpenMP's wait policy are set as the CLI sets them (2 threads, OMP_WAIT_POLICY=PASSIVE).
+Threads and OpenMP's wait policy are set as the CLI sets them (2 threads; idle threads sleep at once beside
+other jobs, spin briefly when nothing else runs: dlnotes.launch.quiet_idle_threads).
 The machine's 1-minute load average is printed with each run: on a busy machine only same-run ratios count.
 
 --quality judges the decoder the way the field judges quantized models: perplexity on held-out English text
@@ -28,7 +29,9 @@ import subprocess
 import threading
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported, as dlnotes' CLI does
+from dlnotes.launch import quiet_idle_threads  # noqa: E402
+
+quiet_idle_threads()  # before torch is imported, as dlnotes' CLI does: PASSIVE beside other jobs, else a short spin
 
 PROMPT = "Write a short story about a robot who paints."
 PROMPTS = [  # the greedy spot-check (scripts/bench_llm_match.py's set)
@@ -201,9 +204,9 @@ def check_quality(engine, tokens: int, reply_tokens: int) -> None:
 def llama_bench(binary: str, gguf, threads: int) -> tuple[float, float]:
     """(prompt, generation) tokens/s from llama.cpp's `llama-bench -p 64 -n 128` on the same GGUF file."""
     cmd = [binary, "-m", str(gguf), "-t", str(threads), "-p", "64", "-n", "128", "-o", "json"]
-    # llama.cpp as its users run it: without the OMP_WAIT_POLICY=PASSIVE set above for torch. llama.cpp's OpenMP
-    # threads sleep between its many small per-token kernels under it (measured: 20.7 instead of 78.9 tokens/s).
-    own_env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    # llama.cpp as its users run it: without the wait policy set above for torch. llama.cpp's OpenMP threads
+    # sleep between its many small per-token kernels under PASSIVE (measured: 20.7 instead of 78.9 tokens/s).
+    own_env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     rows = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=own_env).stdout)
     speeds = {"pp" if row["n_prompt"] else "tg": float(row["avg_ts"]) for row in rows}
     print(f"llama.cpp llama-bench -t {threads}: prompt {speeds['pp']:.1f} tokens/s, generation {speeds['tg']:.1f} "

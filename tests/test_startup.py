@@ -74,6 +74,7 @@ def test_idle_threads_spin_briefly_alone_and_sleep_beside_other_jobs(others: int
         monkeypatch.setenv(name, "")  # remembers the value before, so teardown restores what the test sets
         monkeypatch.delenv(name)
     monkeypatch.setattr(launch, "other_runnable_processes", lambda: others)
+    monkeypatch.setattr(launch, "_chosen_here", set())
     launch.quiet_idle_threads()
     assert {k: os.environ.get(k) for k in expected} == expected
     assert len({"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ)) == 1
@@ -91,3 +92,19 @@ def test_an_explicit_wait_policy_wins(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_runnable_processes_are_counted_without_this_one() -> None:
     count = launch.other_runnable_processes(samples=3, interval_s=0.001)
     assert count >= 0 if Path("/proc/loadavg").is_file() else count == 1.0
+
+
+def test_a_serving_process_sleeps_its_idle_threads_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(launch, "other_runnable_processes", lambda: 0)
+    monkeypatch.setattr(launch, "_chosen_here", set())
+    launch.quiet_idle_threads()  # the CLI's choice on a quiet machine: spin briefly
+    launch.sleeping_idle_threads()  # then the server's
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in os.environ
+    monkeypatch.setenv("GOMP_SPINCOUNT", "500")  # the user's
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    launch._chosen_here.clear()
+    launch.sleeping_idle_threads()
+    assert os.environ["GOMP_SPINCOUNT"] == "500" and "OMP_WAIT_POLICY" not in os.environ

@@ -8,7 +8,6 @@ per request, allowed hosts and origins) is a `schema.Limits`, the flags of `dlno
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
@@ -39,10 +38,11 @@ def bind(host: str, port: int) -> socket.socket:
 
 def load_engine(model: str = "", device: str = "auto", tiny: bool = False) -> Engine:
     """The model (or the tiny random one) behind an Engine. This is where torch is first imported."""
-    # OpenMP threads that wait for work sleep instead of spinning. On a machine busy with other jobs, spinning
-    # threads hold the cores their partner thread needs, and decoding slows to a crawl (README, "Measured").
-    # Only takes effect if torch was not imported yet.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Idle OpenMP threads sleep at once: a spinning one holds the core the HTTP threads need (measured in
+    # launch.sleeping_idle_threads). Only takes effect if torch was not imported yet.
+    from dlnotes.launch import sleeping_idle_threads
+
+    sleeping_idle_threads()
     from dlnotes.device import pick_device
     from dlnotes.llm.engine import Engine
     from dlnotes.llm.models import load
