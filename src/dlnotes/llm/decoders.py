@@ -84,11 +84,11 @@ class LlamaDecoder:
       replies against fp32 are checked by scripts/bench_llm.py --quality (numbers in the README).
     - fp16 weights, fp32 arithmetic, for any other model (or `weights="fp16"`): half the bytes of fp32, and
       the greedy replies stay token for token those of the fp32 model (scripts/bench_llm_match.py checks it).
-    - One thread: idle OpenMP threads sleep at once when other jobs share the machine (OMP_WAIT_POLICY=PASSIVE,
-      see launch.py), so every multi-threaded operation first wakes another core, and a token makes a few
-      hundred such operations.
+    - One thread: the server makes idle OpenMP threads sleep at once (launch.sleeping_idle_threads), so every
+      multi-threaded operation would first wake another core, and a token makes a few hundred such operations.
       The wake-ups cost more than the second core brings to products this small, and the other cores stay
-      free for the HTTP server and the client.
+      free for the HTTP server and the client. (Two threads that spin briefly instead decoded ~41 tokens/s
+      alone against one thread's ~31, but only 11-15 through llm-chat's HTTP: the spinning held their core.)
     - Fused matrices: q, k and v stacked into one, gate and up into another: 4 products a layer, not 7.
     - A KV cache allocated once per request, (layers, 2, max_len, KV, hd), written in place: no torch.cat.
     - Grouped-query attention without copies: the H/KV query heads that share a key/value head attend as a
