@@ -29,7 +29,7 @@ import subprocess
 import threading
 import time
 
-from dlnotes.launch import sleeping_idle_threads
+from dlnotes.launch import WAIT_VARIABLES, sleeping_idle_threads
 
 sleeping_idle_threads()  # before torch is imported, as dlnotes' server does: idle OpenMP threads sleep at once
 
@@ -206,7 +206,7 @@ def llama_bench(binary: str, gguf, threads: int) -> tuple[float, float]:
     cmd = [binary, "-m", str(gguf), "-t", str(threads), "-p", "64", "-n", "128", "-o", "json"]
     # llama.cpp as its users run it: without the wait policy set above for torch. llama.cpp's OpenMP threads
     # sleep between its many small per-token kernels under PASSIVE (measured: 20.7 instead of 78.9 tokens/s).
-    own_env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    own_env = {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES}
     rows = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=own_env).stdout)
     speeds = {"pp" if row["n_prompt"] else "tg": float(row["avg_ts"]) for row in rows}
     print(f"llama.cpp llama-bench -t {threads}: prompt {speeds['pp']:.1f} tokens/s, generation {speeds['tg']:.1f} "

@@ -66,24 +66,29 @@ def test_field_help_comes_from_the_config_lines_alone(tmp_path: Path) -> None:
     assert fields == {"name": "accents before the comment", "sizes": "a default over lines", "plain": ""}
 
 
+@pytest.fixture
+def no_wait_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither wait variable set, and none remembered as set by dlnotes; teardown restores whatever was there."""
+    for name in launch.WAIT_VARIABLES:
+        monkeypatch.setenv(name, "")  # remembers the value before, so teardown restores what the test sets
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(launch, "_chosen_here", set())
+
+
+@pytest.mark.usefixtures("no_wait_settings")
 @pytest.mark.parametrize("others, expected", [(0, {"GOMP_SPINCOUNT": launch.SPIN_COUNT}),
                                               (1, {"OMP_WAIT_POLICY": "PASSIVE"})])
 def test_idle_threads_spin_briefly_alone_and_sleep_beside_other_jobs(others: int, expected: dict,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
-        monkeypatch.setenv(name, "")  # remembers the value before, so teardown restores what the test sets
-        monkeypatch.delenv(name)
     monkeypatch.setattr(launch, "other_runnable_processes", lambda: others)
-    monkeypatch.setattr(launch, "_chosen_here", set())
     launch.quiet_idle_threads()
     assert {k: os.environ.get(k) for k in expected} == expected
-    assert len({"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ)) == 1
+    assert len(set(launch.WAIT_VARIABLES) & set(os.environ)) == 1
 
 
+@pytest.mark.usefixtures("no_wait_settings")
 def test_an_explicit_wait_policy_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    monkeypatch.setenv("GOMP_SPINCOUNT", "")
-    monkeypatch.delenv("GOMP_SPINCOUNT")
     monkeypatch.setattr(launch, "other_runnable_processes", lambda: 0)
     launch.quiet_idle_threads()
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE" and "GOMP_SPINCOUNT" not in os.environ
@@ -94,12 +99,9 @@ def test_runnable_processes_are_counted_without_this_one() -> None:
     assert count >= 0 if Path("/proc/loadavg").is_file() else count == 1.0
 
 
+@pytest.mark.usefixtures("no_wait_settings")
 def test_a_serving_process_sleeps_its_idle_threads_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
-        monkeypatch.setenv(name, "")
-        monkeypatch.delenv(name)
     monkeypatch.setattr(launch, "other_runnable_processes", lambda: 0)
-    monkeypatch.setattr(launch, "_chosen_here", set())
     launch.quiet_idle_threads()  # the CLI's choice on a quiet machine: spin briefly
     launch.sleeping_idle_threads()  # then the server's
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in os.environ

@@ -135,14 +135,15 @@ def bench_worker() -> None:
 
     from dlnotes.launch import quiet_idle_threads
 
-    recipe, device, runs, result_file, seed = sys.argv[1:6]
+    recipe, device, runs, result_file = sys.argv[1:5]
+    seed = int(sys.argv[5])
     baseline = sys.argv[6] if len(sys.argv) > 6 else ""
     recipe_run = sys.argv[7] if len(sys.argv) > 7 else ""
     quiet_idle_threads()
     info = catalog.get(recipe)
-    result = (baseline_result(info, baseline, device, recipe_run, int(seed)) if baseline
-              else recipe_result(info, device, runs, int(seed)))
-    result["seed"] = int(seed)
+    result = (baseline_result(info, baseline, device, recipe_run, seed) if baseline
+              else recipe_result(info, device, runs, seed))
+    result["seed"] = seed
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     Path(result_file).write_text(json.dumps(result))
 

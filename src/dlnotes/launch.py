@@ -18,6 +18,7 @@ from dlnotes.errors import TrainingInterrupted, UserError
 from dlnotes.options import RESUMABLE_CHANGES, RunOptions, using
 from dlnotes.runfiles import read_run_config
 
+WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # how idle OpenMP threads wait; one set by the user wins
 SPIN_COUNT = "10000"  # busy-wait rounds before an idle libgomp thread sleeps; its default is 300,000
 _chosen_here: set[str] = set()  # what quiet_idle_threads set (not the user): sleeping_idle_threads may undo it
 
@@ -31,7 +32,7 @@ def quiet_idle_threads() -> None:
     hold the core the other job's thread needs (two runs at once: ~2,100 samples/s each spinning, ~3,700
     sleeping). So: sleep at once when another process is running, spin briefly when none is. An explicit
     OMP_WAIT_POLICY or GOMP_SPINCOUNT wins."""
-    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+    if any(name in os.environ for name in WAIT_VARIABLES):
         return
     name, value = ("OMP_WAIT_POLICY", "PASSIVE") if other_runnable_processes() > 0 else ("GOMP_SPINCOUNT", SPIN_COUNT)
     os.environ[name] = value
@@ -46,7 +47,7 @@ def sleeping_idle_threads() -> None:
     for name in _chosen_here:
         os.environ.pop(name, None)
     _chosen_here.clear()
-    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    if not any(name in os.environ for name in WAIT_VARIABLES):
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         _chosen_here.add("OMP_WAIT_POLICY")
 
