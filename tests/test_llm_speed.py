@@ -68,9 +68,22 @@ def test_weights_that_are_not_4bit_groups_are_not_rounded_unless_asked() -> None
     assert quantized.int4_groups(torch.randn(64, 48), exact=False) is None  # columns: groups of 32
 
 
+def test_int8_rows_product_is_close_to_fp32() -> None:
+    torch.manual_seed(0)
+    w, x = torch.randn(160, 96), torch.randn(96)
+    rows = quantized.int8_rows(w)
+    assert rows.q.dtype == torch.int8 and rows.q.abs().amax(1).eq(127).all()  # each row's largest weight: ±127
+    got, expected = quantized.matvec_int8(x, rows), w @ x
+    assert got.shape == expected.shape == (160,) and got.dtype == torch.float32
+    error = ((got - expected).norm() / expected.norm()).item()
+    assert 0 < error < 1e-2  # 8 bits a weight, bf16 input and output: a few parts in a thousand
+
+
 def test_auto_keeps_fp16_for_a_model_that_is_not_4bit() -> None:
-    assert LlamaDecoder(tiny_model().model, compile=False).weights == "fp16"  # random fp32 weights
-    assert LlamaDecoder(q4_tiny().model, compile=False).weights == "int4"
+    fp16 = LlamaDecoder(tiny_model().model, compile=False)  # random fp32 weights
+    assert fp16.weights == "fp16" and fp16.lm_head.dtype == torch.float16
+    int4 = LlamaDecoder(q4_tiny().model, compile=False)
+    assert int4.weights == "int4" and isinstance(int4.lm_head, quantized.Int8Rows)  # the output matrix in 8 bits
     assert LlamaDecoder(q4_tiny().model, compile=False, weights="fp16").weights == "fp16"
     with pytest.raises(ValueError, match="weights must be one of"):
         LlamaDecoder(q4_tiny().model, compile=False, weights="int3")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from dlnotes.device import cpu_threads
 from dlnotes.llm import quantized
-from dlnotes.llm.quantized import Int4Weight
+from dlnotes.llm.quantized import Int4Weight, Int8Rows
 
 WEIGHTS = ("auto", "fp16", "int4")  # LlamaDecoder's matrix formats; auto: int4 where the file had 4-bit groups
 
@@ -57,7 +57,7 @@ class HFDecoder:
         return self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1).logits[0, -1].float()
 
 
-Matrix = torch.Tensor | Int4Weight  # fp16 (N, K) rows or (N/32, K, 32) tiles, or 4-bit groups (quantized.py)
+Matrix = torch.Tensor | Int4Weight | Int8Rows  # fp16 (N, K) rows or (N/32, K, 32) tiles, 4-bit groups, int8 rows
 
 
 class LayerWeights(NamedTuple):
@@ -82,6 +82,8 @@ class LlamaDecoder:
       the 4-bit groups they were, read by torch's int4 kernel, a quarter of fp16's bytes; nothing is rounded
       that the file had not rounded, only the kernel's bf16 input and scales. Held-out perplexity and greedy
       replies against fp32 are checked by scripts/bench_llm.py --quality (numbers in the README).
+    - The output matrix (V x D, tied to the embeddings: a fifth of SmolLM2's weights) in int8 rows next to
+      4-bit layers: half fp16's bytes, read by torch's weight-only int8 kernel. Its logits come back in bf16.
     - fp16 weights, fp32 arithmetic, for any other model (or `weights="fp16"`): half the bytes of fp32, and
       the greedy replies stay token for token those of the fp32 model (scripts/bench_llm_match.py checks it).
     - One thread: the server makes idle OpenMP threads sleep at once (launch.sleeping_idle_threads), so every
@@ -126,8 +128,9 @@ class LlamaDecoder:
                        for layer, m in zip(layers, matrices)]
         self.embed = model.model.embed_tokens.weight.detach()  # (V, D) fp32: one row read per token
         self.norm = model.model.norm.weight.detach()  # (D,)
-        # (V, D): the largest matrix (tied to the embeddings), fp16 whatever the layers are (see _int4_or_none)
-        self.lm_head = model.lm_head.weight.detach().to(torch.float16)
+        # (V, D): the largest matrix (tied to the embeddings); int8 rows next to 4-bit layers (see _int4_or_none)
+        lm_head = model.lm_head.weight.detach()
+        self.lm_head = quantized.int8_rows(lm_head) if packed else lm_head.to(torch.float16)
         # RoPE tables from transformers' own rotary embedding (covers Llama 3's rope scaling): (context, hd).
         # rotate_half(x) = cat(-x2, x1) equals roll(x, hd/2) with the first half negated: fold the sign into sin.
         positions = torch.arange(cfg.max_position_embeddings)[None]
@@ -208,8 +211,9 @@ def _int4_or_none(matrices: list[dict[str, torch.Tensor]], weights: str) -> list
 
     auto: int4 where the kernel runs and the file's layer matrices were 4-bit groups already (a Q4 GGUF).
     int4 forces it: a model that came in more bits is rounded to 4 (for measuring; its quality is not checked).
-    The output matrix stays fp16 either way: SmolLM2's file keeps it in 8 bits (Q8_0), and rounding it to 4
-    bits raised held-out perplexity far beyond the 1 % that the layers' 4 bits cost (README)."""
+    The output matrix is not among them: SmolLM2's file keeps it in 8 bits (Q8_0), and rounding it to 4 bits
+    raised held-out perplexity far beyond the 1 % that the layers' 4 bits cost (README); next to 4-bit layers it
+    becomes int8 rows instead (quantized.int8_rows), next to fp16 layers it stays fp16."""
     if weights == "fp16" or (weights == "auto" and not quantized.available()):
         return None
     exact = weights == "auto"
@@ -231,7 +235,7 @@ def _tiles(w: Matrix) -> Matrix:
     element and keeps the 32 sums in vector registers; fused with the normalization or activation that feeds
     it, that was faster than the same loop over (N, K) rows, which reduces each row on its own.
     Int4 groups stay in the int4 kernel's own layout."""
-    if isinstance(w, Int4Weight):
+    if not isinstance(w, torch.Tensor):
         return w
     n, k = w.shape
     t = math.gcd(n, 32)
@@ -246,6 +250,8 @@ def _matvec(x: torch.Tensor, w: Matrix) -> torch.Tensor:
     making an fp32 copy of w). Eager, that expression would make one, so PyTorch's fp16 kernel does it."""
     if isinstance(w, Int4Weight):
         return quantized.matvec(x, w)
+    if isinstance(w, Int8Rows):
+        return quantized.matvec_int8(x, w)
     if torch.compiler.is_compiling():
         return (w.float() * x[:, None]).sum(1).view(-1)  # (N/t, K, t) * (K, 1), summed over K -> (N/t, t) -> (N,)
     return F.linear(x.to(w.dtype), w).float()

@@ -27,6 +27,12 @@ import torch
 GROUP = 32  # Q4_1's block: 32 weights of a row share a scale and a minimum
 
 
+class Int8Rows(NamedTuple):
+    """An (N, K) matrix as int8 with one scale per row: weight[n, k] = q[n, k] * scale[n]."""
+    q: torch.Tensor  # (N, K) int8 in -127..127
+    scales: torch.Tensor  # (N,) bf16, the kernel's type for them
+
+
 class Int4Weight(NamedTuple):
     """An (N, K) matrix as 4-bit groups of 32 along K, in the layout of torch's int4 CPU kernel."""
     packed: torch.Tensor  # (N, K/2) uint8: two 4-bit q per byte
@@ -59,6 +65,20 @@ def int4_groups(w: torch.Tensor, exact: bool = True) -> Int4Weight | None:
     zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
     scales_zeros = torch.cat([scale, zero], -1).transpose(0, 1).contiguous()  # (K/32, N, 2)
     return Int4Weight(packed, scales_zeros.to(torch.bfloat16))
+
+
+def int8_rows(w: torch.Tensor) -> Int8Rows:
+    """(N, K) weights -> Int8Rows: each row scaled so its largest weight is 127, then rounded (absmax)."""
+    w = w.detach().float()
+    scale = w.abs().amax(1).clamp(min=1e-30) / 127  # (N,)
+    q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)  # (N, K)
+    return Int8Rows(q, scale.to(torch.bfloat16))
+
+
+def matvec_int8(x: torch.Tensor, w: Int8Rows) -> torch.Tensor:
+    """(K,) fp32 -> (N,) fp32 through torch's weight-only int8 kernel: x rounded to bf16, sums in fp32, the
+    result returned as bf16 (logits keep 8 bits of mantissa: a few hundredths at the top logits)."""
+    return torch.ops.aten._weight_int8pack_mm(x[None].to(torch.bfloat16), w.q, w.scales)[0].float()
 
 
 def dequantize(w: Int4Weight) -> torch.Tensor:
