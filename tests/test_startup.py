@@ -110,3 +110,17 @@ def test_a_serving_process_sleeps_its_idle_threads_unless_the_user_chose(monkeyp
     launch._chosen_here.clear()
     launch.sleeping_idle_threads()
     assert os.environ["GOMP_SPINCOUNT"] == "500" and "OMP_WAIT_POLICY" not in os.environ
+
+
+@pytest.mark.parametrize("argv, samples", [(["dlnotes", "run", "mlp"], 1), (["dlnotes", "show", "mlp"], 0),
+                                           (["dlnotes", "--help"], 0), (["dlnotes"], 0)])
+def test_only_commands_that_start_torch_look_at_the_machine(argv: list[str], samples: int,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from dlnotes import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "quiet_idle_threads", lambda: calls.append(1))
+    monkeypatch.setattr(cli, "app", lambda: None)
+    monkeypatch.setattr("sys.argv", argv)
+    cli.main()
+    assert len(calls) == samples

@@ -10,6 +10,7 @@ import functools
 import inspect
 import json
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -301,7 +302,11 @@ def ask(
             max_tokens=max_tokens, tiny=tiny)
 
 
+TORCH_COMMANDS = ("run", "smoke", "bench", "predict", "ask")  # serve sets its own wait policy (llm/server.py)
+
+
 def main() -> None:
     """The Typer app (dlnotes.entry answers the plain `dlnotes list` before this module is imported)."""
-    quiet_idle_threads()
+    if len(sys.argv) > 1 and sys.argv[1] in TORCH_COMMANDS:  # the others never start OpenMP threads: skip the 40 ms
+        quiet_idle_threads()
     app()
