@@ -36,10 +36,9 @@ updates; and every target word reads every source word directly, however far apa
 built-in notion of order or locality, so on 20k sentence pairs it needs more passes over the data than
 the LSTM to learn what recurrence gives for free. Per epoch it wins: after one its validation loss and
 BLEU are ahead of the LSTM's, and its 3-epoch default passes the LSTM recipe's target. Per second of a
-small CPU it costs more than the LSTM per target word (~1.4x here), so `dlnotes bench transformer-mt` trains
-the LSTM for exactly the transformer's training time, beside it, on the machine at hand. Measured on a 2-core
-Xeon: 23.0 BLEU against the LSTM's 22.4, the lead from long sentences and rarely seen words; the summary's
-`bleu_*` slices (English length, rare words) say where each wins (README: the numbers and the calibration).
+small CPU it costs ~1.4x the LSTM per target word, so `dlnotes bench transformer-mt` trains the LSTM for
+exactly the transformer's training time, beside it: on a 2-core Xeon 23.0 BLEU against 22.4, the lead from
+long sentences and rarely seen words (the summary's `bleu_*` slices; README: numbers and calibration).
 Three epochs underfit 20k pairs, so dropout only slows learning here (0.1 cost 2 BLEU): it is off.
 
 Decoding (`dlnotes.beam`, shared with seq2seq): greedy or beam search with a length bound of
