@@ -16,6 +16,12 @@ perplexity and to greedy replies.
 Generating a token reads every weight once to do 2 flops with it, so bytes read set the speed: fp16 reads
 2 bytes a weight, these groups 0.5 plus 4 bytes of scales per 32 weights. The kernel has AVX2 and AVX-512
 code (bf16 is converted by shifting, no native bf16 needed), chosen by torch at run time.
+
+The output matrix came as Q8_0 (8 bits, a scale per 32) and 4 bits cost it too much perplexity, so it gets
+int8 with one scale per row instead, read by torch's weight-only int8 kernel (bf16 in and out):
+
+    w (N, K) fp32 --int8_rows--> q (N, K) int8 + scales (N,) bf16                    a quarter of the bytes
+    x (K,) fp32 --matvec_int8--> (N,) fp32                                          rounded anew: not exact
 """
 
 from __future__ import annotations
