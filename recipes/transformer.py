@@ -27,10 +27,10 @@ over every earlier character and position embeddings that mean nothing yet, so f
 steps it knows little more than which character tends to follow which (a plateau near the bigram loss,
 2.3); it must first learn heads that look at the last few characters, which an LSTM reads by construction.
 Early on the GPT needs about four times the LSTM's steps to reach the same loss. The usual knobs each win
-back a part of that gap and none closes it: a higher learning rate with GPT-2's scaled residual init, the
-position embeddings started from the paper's sine/cosine code instead of noise, and - the largest - a
-shallower, wider GPT (2 layers of 176 instead of 4 of 128: fewer layers to pass a signal through while
-the heads are still useless); a longer context (128) makes the plateau longer. What the transformer buys -
+back a part of that gap and none closes it: a higher learning rate, GPT-2's scaled residual init, a shallower,
+wider GPT (2 layers of 176 instead of 4 of 128: fewer layers to pass a signal through while the heads are
+still useless) and - the largest - rotary positions (Llama's RoPE: "three characters back" is then one pattern
+for every position); a longer context or a larger batch do not flip it either. What the transformer buys -
 every position trained in parallel, direct access to any earlier character instead of one squeezed state,
 better use of width and data - pays on GPUs, at larger sizes and with longer training than 10 CPU minutes.
 
