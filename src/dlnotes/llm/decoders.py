@@ -89,8 +89,8 @@ class LlamaDecoder:
     - One thread: the server makes idle OpenMP threads sleep at once (launch.sleeping_idle_threads), so every
       multi-threaded operation would first wake another core, and a token makes a few hundred such operations.
       The wake-ups cost more than the second core brings to products this small, and the other cores stay
-      free for the HTTP server and the client. (Two threads that spin briefly instead decoded ~41 tokens/s
-      alone against one thread's ~31, but only 11-15 through llm-chat's HTTP: the spinning held their core.)
+      free for the HTTP server and the client. (Two spinning threads decode ~50-64 tokens/s alone against one
+      thread's ~31-43, but only 21-29 through llm-chat's HTTP in this process: the spinning holds their core.)
     - Fused matrices: q, k and v stacked into one, gate and up into another: 4 products a layer, not 7.
     - A KV cache allocated once per request, (layers, 2, max_len, KV, hd), written in place: no torch.cat.
     - Grouped-query attention without copies: the H/KV query heads that share a key/value head attend as a
