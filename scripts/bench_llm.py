@@ -10,8 +10,8 @@
     ... --ttft 1000                                       time to first token of a 1,000-token prompt
     ... --quality                                         held-out perplexity and greedy replies against fp32
 
-Threads and OpenMP's wait policy are set as the server sets them (2 threads, one for the decoding step; idle
-threads sleep at once: dlnotes.launch.sleeping_idle_threads).
+Threads and OpenMP's wait policy are set as the server sets them (2 threads, both decoding; idle threads spin
+briefly on a quiet machine, sleep at once on a busy one, and then one thread decodes: launch.serving_idle_threads).
 The machine's 1-minute load average is printed with each run: on a busy machine only same-run ratios count.
 
 --quality judges the decoder the way the field judges quantized models: perplexity on held-out English text
@@ -29,9 +29,9 @@ import subprocess
 import threading
 import time
 
-from dlnotes.launch import WAIT_VARIABLES, sleeping_idle_threads
+from dlnotes.launch import WAIT_VARIABLES, serving_idle_threads
 
-sleeping_idle_threads()  # before torch is imported, as dlnotes' server does: idle OpenMP threads sleep at once
+serving_idle_threads()  # before torch is imported, as dlnotes' server does
 
 PROMPT = "Write a short story about a robot who paints."
 PROMPTS = [  # the greedy spot-check (scripts/bench_llm_match.py's set)

@@ -31,7 +31,8 @@ from typer.testing import CliRunner
 
 from dlnotes.cli import app
 from dlnotes.llm import engine as engine_module
-from dlnotes.llm.decoders import HFDecoder, LlamaDecoder
+from dlnotes.device import in_own_thread
+from dlnotes.llm.decoders import HFDecoder, LlamaDecoder, decoding_threads
 from dlnotes.llm.sampling import Detokenizer, StopStrings
 from dlnotes.llm.schema import MAX_STOP_CHARS, ChatRequest, Limits
 from dlnotes.llm.server import BackgroundServer, load_engine, read_key
@@ -803,3 +804,18 @@ def test_mixed_clients_under_load_get_a_reply_or_a_503(serve_with, engine) -> No
     assert outcomes.get("failed", 0) == 0, result["failures"]
     assert sum(outcomes.values()) == 200 and outcomes["complete"] > 0 and outcomes["abandoned"] > 0
     wait_until_model_free(engine)
+
+
+def test_the_server_loads_in_a_thread_of_its_own() -> None:
+    """Its OpenMP workers then end with the load instead of idling beside the decoding thread's: the result
+    comes back to the caller, and so does an error."""
+    assert in_own_thread(threading.get_ident) != threading.get_ident()
+    with pytest.raises(ValueError, match="no such model"):
+        in_own_thread(lambda: int("no such model"))
+
+
+def test_the_decoder_uses_every_thread_unless_idle_threads_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert decoding_threads() == 1
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert decoding_threads() == torch.get_num_threads()

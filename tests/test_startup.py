@@ -100,15 +100,21 @@ def test_runnable_processes_are_counted_without_this_one() -> None:
 
 
 @pytest.mark.usefixtures("no_wait_settings")
-def test_a_serving_process_sleeps_its_idle_threads_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("others, expected", [(0, ("GOMP_SPINCOUNT", launch.SERVE_SPIN_COUNT)),
+                                              (2, ("OMP_WAIT_POLICY", "PASSIVE"))])
+def test_a_serving_process_spins_its_idle_threads_on_a_quiet_machine(others: int, expected: tuple[str, str],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(launch, "other_runnable_processes", lambda: 0)
-    launch.quiet_idle_threads()  # the CLI's choice on a quiet machine: spin briefly
-    launch.sleeping_idle_threads()  # then the server's
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in os.environ
+    launch.quiet_idle_threads()  # the CLI's choice on a quiet machine: spin for a few rounds
+    monkeypatch.setattr(launch, "other_runnable_processes", lambda: others)
+    launch.serving_idle_threads()  # then the server's, replacing it
+    assert {name: os.environ[name] for name in launch.WAIT_VARIABLES if name in os.environ} == dict([expected])
+
+
+@pytest.mark.usefixtures("no_wait_settings")
+def test_a_serving_process_keeps_the_users_wait_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GOMP_SPINCOUNT", "500")  # the user's
-    monkeypatch.delenv("OMP_WAIT_POLICY")
-    launch._chosen_here.clear()
-    launch.sleeping_idle_threads()
+    launch.serving_idle_threads()
     assert os.environ["GOMP_SPINCOUNT"] == "500" and "OMP_WAIT_POLICY" not in os.environ
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -13,6 +15,7 @@ import torch
 from dlnotes.errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+T = TypeVar("T")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -49,6 +52,27 @@ def describe(device: torch.device) -> str:
     if device.type == "cpu":
         return f"cpu ({torch.get_num_threads()} threads)"
     return device.type
+
+
+def in_own_thread(work: Callable[[], T]) -> T:
+    """work() in a new thread that ends with it; its result, or its exception raised here. OpenMP's worker
+    threads belong to the thread that started them and outlive its parallel regions: started here, they end
+    with this thread instead of idling beside the threads that run later (where libgomp, counting more of its
+    threads than cores, cuts every thread's spinning to a few rounds)."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as err:  # handed to the calling thread, which raises it
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, name="dlnotes-load", daemon=True)  # Ctrl-C does not wait for it
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 @contextmanager

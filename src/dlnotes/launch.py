@@ -20,10 +20,11 @@ from dlnotes.runfiles import read_run_config
 
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # how idle OpenMP threads wait; one set by the user wins
 SPIN_COUNT = "10000"  # busy-wait rounds before an idle libgomp thread sleeps; its default is 300,000
+SERVE_SPIN_COUNT = "300000"  # for a decoding step, whose Python between products is longer than 10,000 rounds
 _chosen_here: set[str] = set()  # what quiet_idle_threads set (not the user): sleeping_idle_threads may undo it
 
 
-def quiet_idle_threads() -> None:
+def quiet_idle_threads(spin_count: str = SPIN_COUNT) -> None:
     """Choose how idle OpenMP threads wait, by what else the machine is running (before torch is imported).
 
     Measured on 2 cores (cnn-mnist, README "Measured"): alone on the machine, threads that sleep at once
@@ -34,22 +35,20 @@ def quiet_idle_threads() -> None:
     OMP_WAIT_POLICY or GOMP_SPINCOUNT wins."""
     if any(name in os.environ for name in WAIT_VARIABLES):
         return
-    name, value = ("OMP_WAIT_POLICY", "PASSIVE") if other_runnable_processes() > 0 else ("GOMP_SPINCOUNT", SPIN_COUNT)
+    name, value = ("OMP_WAIT_POLICY", "PASSIVE") if other_runnable_processes() > 0 else ("GOMP_SPINCOUNT", spin_count)
     os.environ[name] = value
     _chosen_here.add(name)
 
 
-def sleeping_idle_threads() -> None:
-    """For a process that serves a model: idle OpenMP threads sleep at once, however quiet the machine (before
-    torch is imported). Its HTTP server and client threads need the core that a spinning thread would hold:
-    measured on 2 cores, `dlnotes run llm-chat` streamed 29 tokens/s with sleeping threads, 26 with briefly
-    spinning ones. A setting the user made wins; one `quiet_idle_threads` made is replaced."""
+def serving_idle_threads() -> None:
+    """For a process that serves a model (before torch is imported): its decoding threads spin for libgomp's
+    default 300,000 rounds between the few hundred small products of a token, so that both cores decode; on a
+    busy machine they sleep at once instead (and the decoder then uses one thread: `LlamaDecoder`). Numbers in
+    the README's serve section. A setting the user made wins; one `quiet_idle_threads` made is replaced."""
     for name in _chosen_here:
         os.environ.pop(name, None)
     _chosen_here.clear()
-    if not any(name in os.environ for name in WAIT_VARIABLES):
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        _chosen_here.add("OMP_WAIT_POLICY")
+    quiet_idle_threads(spin_count=SERVE_SPIN_COUNT)
 
 
 def other_runnable_processes(samples: int = 5, interval_s: float = 0.01) -> float:

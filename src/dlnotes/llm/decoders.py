@@ -14,6 +14,7 @@ Speeds measured with scripts/bench_llm.py are in the README, with the machine th
 from __future__ import annotations
 
 import math
+import os
 import sys
 from typing import Any, NamedTuple
 
@@ -86,11 +87,12 @@ class LlamaDecoder:
       4-bit layers: half fp16's bytes, read by torch's weight-only int8 kernel. Its logits come back in bf16.
     - fp16 weights, fp32 arithmetic, for any other model (or `weights="fp16"`): half the bytes of fp32, and
       the greedy replies stay token for token those of the fp32 model (scripts/bench_llm_match.py checks it).
-    - One thread: the server makes idle OpenMP threads sleep at once (launch.sleeping_idle_threads), so every
-      multi-threaded operation would first wake another core, and a token makes a few hundred such operations.
-      The wake-ups cost more than the second core brings to products this small, and the other cores stay
-      free for the HTTP server and the client. (Two spinning threads decode ~50-64 tokens/s alone against one
-      thread's ~31-43, but only 21-29 through llm-chat's HTTP in this process: the spinning holds their core.)
+    - All cores, as llama.cpp does: each product's rows are split between torch's OpenMP threads, which spin
+      between the few hundred products of a token (launch.serving_idle_threads) instead of sleeping, since
+      waking a sleeping one for each costs more than it brings (so where they sleep, one thread decodes). The
+      decoding thread's workers must be the only ones: the server loads and compiles in a thread of its own
+      (device.in_own_thread); with workers of another thread alive, libgomp counts more threads than cores,
+      cuts everyone's spinning to a few rounds, and two threads decoded slower than one.
     - Fused matrices: q, k and v stacked into one, gate and up into another: 4 products a layer, not 7.
     - A KV cache allocated once per request, (layers, 2, max_len, KV, hd), written in place: no torch.cat.
     - Grouped-query attention without copies: the H/KV query heads that share a key/value head attend as a
@@ -104,9 +106,10 @@ class LlamaDecoder:
     read once for all T prompt tokens, a matrix-matrix product that the CPU's fp32 kernels do well.
     Measured speeds of each variant (scripts/bench_llm.py) are in the README."""
 
-    def __init__(self, model: Any, compile: bool = True, weights: str = "auto") -> None:
+    def __init__(self, model: Any, compile: bool = True, weights: str = "auto", threads: int = 0) -> None:
         if weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+        self.threads = threads or decoding_threads()
         cfg = model.config
         self.model = model
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -175,7 +178,7 @@ class LlamaDecoder:
         pos, n = self.pos, self.pos + 1
         if n > self.cache.shape[2]:
             raise ValueError(f"the KV cache holds {self.cache.shape[2]} positions; prefill with a larger max_len")
-        with cpu_threads(1):  # see the class docstring: waking a sleeping thread costs more than it brings
+        with cpu_threads(self.threads):  # see the class docstring
             x = F.embedding(torch.tensor([token]), self.embed)[0]  # (D,)
             cos, sin = self.cos[pos], self.sin[pos]  # (hd,)
             for i, weights in enumerate(self.layers):
@@ -204,6 +207,12 @@ class LlamaDecoder:
             print(f"warning: torch.compile failed ({str(err).strip().splitlines()[0][:200]}); decoding without it "
                   "(slower).", file=sys.stderr)
             self.layers, self.lm_head, self.layer_fn, self.final_fn = rows, lm_head, _layer, _final
+
+
+def decoding_threads() -> int:
+    """All of torch's threads where idle OpenMP threads spin (launch.serving_idle_threads); one where they sleep
+    at once, since waking a sleeping thread for each of a token's few hundred products costs more than it brings."""
+    return 1 if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" else torch.get_num_threads()
 
 
 def _int4_or_none(matrices: list[dict[str, torch.Tensor]], weights: str) -> list[dict[str, Int4Weight]] | None:

@@ -38,17 +38,18 @@ def bind(host: str, port: int) -> socket.socket:
 
 def load_engine(model: str = "", device: str = "auto", tiny: bool = False) -> Engine:
     """The model (or the tiny random one) behind an Engine. This is where torch is first imported."""
-    # Idle OpenMP threads sleep at once: a spinning one holds the core the HTTP threads need (measured in
-    # launch.sleeping_idle_threads). Only takes effect if torch was not imported yet.
-    from dlnotes.launch import sleeping_idle_threads
+    # How idle OpenMP threads wait (launch.serving_idle_threads); only takes effect if torch was not imported yet
+    from dlnotes.launch import serving_idle_threads
 
-    sleeping_idle_threads()
-    from dlnotes.device import pick_device
+    serving_idle_threads()
+    from dlnotes.device import in_own_thread, pick_device
     from dlnotes.llm.engine import Engine
     from dlnotes.llm.models import load
     from dlnotes.llm.tiny import tiny_model
 
-    return Engine(tiny_model() if tiny else load(model, str(pick_device(device))))
+    # loading and compiling run multi-threaded: in a thread of their own, whose OpenMP workers end with it and
+    # leave the two cores to the workers of the thread that decodes (device.in_own_thread)
+    return in_own_thread(lambda: Engine(tiny_model() if tiny else load(model, str(pick_device(device)))))
 
 
 class BackgroundServer:
