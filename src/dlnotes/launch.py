@@ -21,7 +21,7 @@ from dlnotes.runfiles import read_run_config
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # how idle OpenMP threads wait; one set by the user wins
 SPIN_COUNT = "10000"  # busy-wait rounds before an idle libgomp thread sleeps; its default is 300,000
 SERVE_SPIN_COUNT = "300000"  # for a decoding step, whose Python between products is longer than 10,000 rounds
-_chosen_here: set[str] = set()  # what quiet_idle_threads set (not the user): sleeping_idle_threads may undo it
+_chosen_here: set[str] = set()  # what quiet_idle_threads set (not the user): serving_idle_threads may undo it
 
 
 def quiet_idle_threads(spin_count: str = SPIN_COUNT) -> None:
