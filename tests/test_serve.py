@@ -30,8 +30,8 @@ import torch
 from typer.testing import CliRunner
 
 from dlnotes.cli import app
-from dlnotes.llm import engine as engine_module
 from dlnotes.device import in_own_thread
+from dlnotes.llm import engine as engine_module
 from dlnotes.llm.decoders import HFDecoder, LlamaDecoder, decoding_threads
 from dlnotes.llm.sampling import Detokenizer, StopStrings
 from dlnotes.llm.schema import MAX_STOP_CHARS, ChatRequest, Limits

@@ -118,6 +118,24 @@ def test_a_serving_process_keeps_the_users_wait_setting(monkeypatch: pytest.Monk
     assert os.environ["GOMP_SPINCOUNT"] == "500" and "OMP_WAIT_POLICY" not in os.environ
 
 
+@pytest.mark.usefixtures("no_wait_settings")
+def test_a_bench_worker_chooses_its_own_wait_and_keeps_the_users(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dlnotes bench` chose at its start; each worker looks again (and a serving one chooses differently): the
+    choice made here does not reach it, a setting the user made does."""
+    from dlnotes import bench, catalog
+
+    monkeypatch.setattr(launch, "other_runnable_processes", lambda: 0)
+    launch.quiet_idle_threads()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's
+    environments: list[dict] = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda command, **kw: environments.append(kw["env"]) or
+                        type("Done", (), {"returncode": 1})())
+    bench.run_worker(catalog.get("mlp"), "cpu", tmp_path, 1)
+    assert os.environ["GOMP_SPINCOUNT"] == launch.SPIN_COUNT  # this process keeps its own choice
+    assert "GOMP_SPINCOUNT" not in environments[0] and environments[0]["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
 @pytest.mark.parametrize("argv, samples", [(["dlnotes", "run", "mlp"], 1), (["dlnotes", "show", "mlp"], 0),
                                            (["dlnotes", "--help"], 0), (["dlnotes"], 0)])
 def test_only_commands_that_start_torch_look_at_the_machine(argv: list[str], samples: int,

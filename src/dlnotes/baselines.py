@@ -13,6 +13,8 @@ A baseline is registered for a recipe id with `@baseline(recipe_id, name)`. It i
 
 `@baseline(recipe_id, name, after_recipe=True)` makes it `run(device, recipe_run)`, given the run directory the
 recipe's own bench run just wrote: to train for as long as the recipe did (transformer-mt's LSTM at equal time).
+`@baseline(recipe_id, name, missing=why_not)`: a baseline that needs a tool this machine may lack (llama.cpp's
+llama-bench) is skipped with one line when `why_not()` says why.
 
 `bench` runs each baseline in its own worker process, like a recipe, and adds the ratios to its row. The
 lesson stays in the recipe file; the slow way it improves on lives here.
@@ -20,9 +22,12 @@ lesson stays in the recipe file; the slow way it improves on lives here.
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dlnotes import catalog
@@ -34,17 +39,18 @@ class Baseline:
     name: str  # shown in the bench table
     run: Callable[..., dict[str, Any]]  # device -> result fields; (device, recipe's run directory) with after_recipe
     after_recipe: bool = False  # it matches something the recipe's run just measured (its training time, say)
+    missing: Callable[[], str] = str  # why it cannot run on this machine ("" when it can)
 
 
 BASELINES: dict[str, list[Baseline]] = {}
 
 
-def baseline(recipe: str, name: str, after_recipe: bool = False) -> Callable[[Callable[..., dict[str, Any]]],
-                                                                          Callable[..., dict[str, Any]]]:
+def baseline(recipe: str, name: str, after_recipe: bool = False, missing: Callable[[], str] = str,
+             ) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
     """Register the decorated function as a baseline of `recipe`. With `after_recipe` it is called as
     run(device, recipe_run), the run directory the recipe's own bench run just wrote."""
     def register(function: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
-        BASELINES.setdefault(recipe, []).append(Baseline(recipe, name, function, after_recipe))
+        BASELINES.setdefault(recipe, []).append(Baseline(recipe, name, function, after_recipe, missing))
         return function
     return register
 
@@ -302,3 +308,55 @@ def seq2seq_same_training_time(device: str, recipe_run: str, dataset: str = "bib
             "throughput_unit": "tokens/s", "training_s": trained, "steps": steps, "epochs": steps / len(
                 recipe.length_batches(train, cfg.batch_size, torch.Generator())),
             **group_metrics(groups), "recipe_slices": {k: v for k, v in summary.items() if k.startswith("bleu_")}}
+
+
+# --- llm-chat ---------------------------------------------------------------------------------------------
+
+LLAMA_BENCH_BUILT = Path(__file__).resolve().parents[2] / ".deps" / "bin" / "llama-bench"  # `make llama-bench`
+
+
+def llama_bench_binary() -> str:
+    """llama.cpp's llama-bench: $DLNOTES_LLAMA_BENCH, else the one `make llama-bench` built, else one on PATH."""
+    if given := os.environ.get("DLNOTES_LLAMA_BENCH"):
+        return given
+    return str(LLAMA_BENCH_BUILT) if LLAMA_BENCH_BUILT.is_file() else shutil.which("llama-bench") or ""
+
+
+def llama_bench_missing() -> str:
+    binary = llama_bench_binary()
+    if not binary:
+        return ("llama.cpp's llama-bench is not built: `make llama-bench` builds it into .deps/bin (~6 minutes), "
+                "or set DLNOTES_LLAMA_BENCH to one")
+    return "" if os.access(binary, os.X_OK) else f"DLNOTES_LLAMA_BENCH={binary} is not an executable file"
+
+
+@baseline("llm-chat", "llama.cpp llama-bench", missing=llama_bench_missing)
+def llama_cpp_generation(device: str, repetitions: int = 3) -> dict[str, Any]:
+    """llama.cpp generating from the same GGUF file the embedded server loads (SmolLM2-135M-Instruct, Q4_1),
+    as the issue measured it: `llama-bench -p 64 -n 128` on as many threads as torch uses. Its generation
+    tokens/s against the recipe's streamed tokens/s over HTTP; its prompt tokens/s alongside. It runs with the
+    OpenMP wait settings its users have (none of dlnotes'): under PASSIVE its threads sleep between a token's
+    many small kernels (measured: 20.7 instead of 78.9 tokens/s)."""
+    import json
+    import subprocess
+
+    import torch
+
+    from dlnotes.device import pick_device
+    from dlnotes.errors import UserError
+    from dlnotes.launch import WAIT_VARIABLES
+    from dlnotes.llm.models import default_gguf
+
+    if pick_device(device).type != "cpu":  # the recipe then serves from the GPU: no like-for-like ratio
+        raise UserError("The llama.cpp baseline is built for the CPU: bench llm-chat with --device cpu.")
+    threads = torch.get_num_threads()
+    command = [llama_bench_binary(), "-m", str(default_gguf()), "-t", str(threads), "-p", "64", "-n", "128",
+               "-r", str(repetitions), "-o", "json"]
+    own_env = {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES}
+    done = subprocess.run(command, capture_output=True, text=True, env=own_env)
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        raise UserError(f"llama-bench failed (exit {done.returncode}): {lines[-1] if lines else 'no output'}")
+    speeds = {"prompt" if row["n_prompt"] else "generation": float(row["avg_ts"]) for row in json.loads(done.stdout)}
+    return {"throughput": speeds["generation"], "throughput_unit": "tokens/s",
+            "prompt_tokens_per_s": speeds["prompt"], "threads": threads}

@@ -1,5 +1,8 @@
 """`dlnotes bench`: run recipes' default configurations and report what they reach, how fast, with what.
 
+A recipe is benched when it declares a TARGET, or a BENCH configuration (a default run that waits for a person,
+llm-chat's chat, gets a fixed prompt instead); one with BENCH and no TARGET is benched for speed alone.
+
 Each recipe runs in a fresh worker process (`python -c "...bench_worker()"`), so one recipe's memory or
 threads never colour the next one's numbers, and peak memory is that process's own. The worker calls the
 recipe's `main` in-process, then reads the run directory it wrote:
@@ -39,6 +42,7 @@ from typing import Any
 
 from dlnotes import baselines, catalog
 from dlnotes.errors import UserError
+from dlnotes.launch import environment_choosing_its_own_wait
 from dlnotes.speedups import cpu_features
 from dlnotes.tracking import list_runs, new_run_dir
 
@@ -47,13 +51,15 @@ PACKAGES = ("torch", "torchvision", "transformers", "numpy", "gymnasium")
 
 
 def benchable(ids: list[str] | None) -> list[catalog.RecipeInfo]:
-    """The recipes to run: the given ids (each must declare a TARGET), or every recipe that declares one."""
+    """The recipes to run: the given ids (each must declare a TARGET or a BENCH configuration), or every recipe
+    that declares one."""
     if not ids:
-        return [info for info in catalog.all_recipes().values() if info.target]
+        return [info for info in catalog.all_recipes().values() if info.target or info.bench]
     infos = [catalog.get(i) for i in ids]
     for info in infos:
-        if not info.target:
-            raise UserError(f"Recipe '{info.id}' declares no TARGET, so there is nothing to bench it against.")
+        if not (info.target or info.bench):
+            raise UserError(f"Recipe '{info.id}' declares no TARGET or BENCH, so there is nothing to bench it "
+                            "against.")
     return infos
 
 
@@ -64,7 +70,12 @@ def run_bench(infos: list[catalog.RecipeInfo], repeat: int, device: str, out: Pa
     folder = new_run_dir(out, "bench")
     rows, baseline_rows = [], []
     for info in infos:
-        bases = baselines.for_recipe(info.id)
+        bases = []
+        for base in baselines.for_recipe(info.id):
+            if why := base.missing():  # a measuring tool this machine lacks: no row, one line saying why
+                report(f"{info.id} baseline '{base.name}': skipped: {why}")
+            else:
+                bases.append(base)
         # The recipe's k-th run and its baselines' k-th runs go back to back: each pair shares the machine's
         # conditions (another job starting, a warm cache), so the medians compare like with like. A baseline
         # that measures against the recipe's run (after_recipe) gets the k-th run's directory.
@@ -104,7 +115,7 @@ def run_attempts(info: catalog.RecipeInfo, baseline: str, repeat: int, device: s
         attempts.append(result)
         if "error" in result:
             report(f"{label}: failed: {result['error']}")
-        elif "metric" in result:
+        elif "metric" in result and info.target:
             report(f"{label}: {info.target.metric} {result['metric']:.4g} in {result['wall_s']:.0f} s")
         else:
             report(f"{label}: {result['throughput']:,.4g} {result['throughput_unit']} in {result['wall_s']:.0f} s")
@@ -119,8 +130,11 @@ def run_worker(info: catalog.RecipeInfo, device: str, folder: Path, attempt: int
     # of one seed (whose luck, good or bad, would then be in every run).
     command = [sys.executable, "-c", "from dlnotes.bench import bench_worker; bench_worker()",
                info.id, device, str(folder / "runs"), str(result_file), str(attempt - 1), baseline, recipe_run]
+    # The worker chooses how its idle OpenMP threads wait when it starts, not this process at the bench's start:
+    # the load may have changed since, and a serving recipe (llm-chat) chooses differently from a training one.
     with log_file.open("w") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
+                              env=environment_choosing_its_own_wait()).returncode
     if code != 0 or not result_file.is_file():
         lines = [line for line in log_file.read_text().splitlines() if line.strip()]
         return {"error": f"exit code {code}: {lines[-1] if lines else 'no output'} (log: {log_file})"}
@@ -149,20 +163,18 @@ def bench_worker() -> None:
 
 
 def recipe_result(info: catalog.RecipeInfo, device: str, runs: str, seed: int = 0) -> dict[str, Any]:
-    """Run the recipe's default configuration (with `seed`, where it has one) in this process and read what it
-    reached from its run directory."""
+    """Run the recipe's default configuration, or its BENCH one (with `seed`, where it has one), in this process
+    and read what it reached from its run directory."""
     module = catalog.load_module(info)
-    cfg = module.Config(**catalog.config_values(info, device=device, out=runs, seed=seed))
+    cfg = module.Config(**catalog.config_values(info, bench=True, device=device, out=runs, seed=seed))
     start = time.perf_counter()
     metrics = module.main(cfg)
     wall = time.perf_counter() - start
     run_dir = list_runs(Path(runs), info.id)[-1]
-    target = info.target
-    result: dict[str, Any] = {
-        "metric": float(metrics[target.metric]), "target_met": target.met(float(metrics[target.metric])),
-        "wall_s": wall, "time_to_target_s": time_to_target(run_dir, target, metrics, wall),
-        "run_dir": str(run_dir),
-    }
+    result: dict[str, Any] = {"wall_s": wall, "run_dir": str(run_dir)}
+    if target := info.target:
+        result |= {"metric": float(metrics[target.metric]), "target_met": target.met(float(metrics[target.metric])),
+                   "time_to_target_s": time_to_target(run_dir, target, metrics, wall)}
     for key, unit in THROUGHPUT_KEYS:
         if key in metrics:
             result["throughput"], result["throughput_unit"] = float(metrics[key]), unit
@@ -187,7 +199,7 @@ def baseline_result(info: catalog.RecipeInfo, name: str, device: str, recipe_run
     seeded = "seed" in inspect.signature(base.run).parameters
     result = dict(base.run(*args, seed=seed) if seeded else base.run(*args))
     result["wall_s"] = time.perf_counter() - start
-    if result.get("metric") is not None:
+    if result.get("metric") is not None and info.target:
         result["target_met"] = info.target.met(float(result["metric"]))
     return result
 
@@ -207,11 +219,12 @@ def time_to_target(run_dir: Path, target: catalog.Target, metrics: dict[str, flo
 
 def summarize(info: catalog.RecipeInfo, attempts: list[dict[str, Any]], baseline: str = "") -> dict[str, Any]:
     """Medians over the successful attempts; how many met the target; the errors of the others. A baseline's
-    row names it, and has `met` None when it does not report the target metric."""
+    row names it, and has `met` None when it does not report the target metric (as has a recipe without one)."""
     good = [a for a in attempts if "error" not in a]
     met = sum(bool(a.get("target_met")) for a in good)
-    row: dict[str, Any] = {"recipe": info.id, "target": info.target.as_list(), "runs": len(attempts),
-                           "met": met if not baseline or any("target_met" in a for a in good) else None,
+    reports_metric = info.target and (not baseline or any("target_met" in a for a in good))
+    row: dict[str, Any] = {"recipe": info.id, "target": info.target.as_list() if info.target else None,
+                           "runs": len(attempts), "met": met if reports_metric else None,
                            "errors": [a["error"] for a in attempts if "error" in a]}
     if baseline:
         row["baseline"] = baseline

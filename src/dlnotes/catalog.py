@@ -1,6 +1,6 @@
 """The recipe catalog: finds recipe files and reads their metadata without importing them.
 
-A recipe's docstring, TAGS, DATASET, TARGET, SMOKE, DISTRIBUTED, TRAINS and Config fields are read with
+A recipe's docstring, TAGS, DATASET, TARGET, SMOKE, BENCH, DISTRIBUTED, TRAINS and Config fields are read with
 `ast`, so `dlnotes list` and `--help` never import torch, and one recipe with a broken optional dependency
 cannot break the listing. The module constants a recipe may set:
 
@@ -8,6 +8,8 @@ cannot break the listing. The module constants a recipe may set:
     DATASET = "MNIST-10k (offline)"        shown by `list` and `show`
     TARGET = ("test_acc", 0.985)           what a full default run must reach (`("val_loss", 1.6, "<=")`: at most)
     SMOKE = {"epochs": 1}                  the tiny run of `--smoke`, `dlnotes smoke` and the tests
+    BENCH = {"prompt": "..."}              what `dlnotes bench` runs instead of the defaults (whose run would wait
+                                           for a person); a recipe with BENCH and no TARGET is benched for speed
     DISTRIBUTED = True                     offers --nproc/--nnodes/--node-rank/--rdzv-endpoint
     TRAINS = False                         trains nothing to checkpoint: no --resume/--save-every/--keep
 
@@ -40,7 +42,7 @@ from dlnotes.errors import UserError
 
 FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 # the module constants the catalog reads
-METADATA = ("TAGS", "DATASET", "TARGET", "ALSO_TARGETS", "SMOKE", "DISTRIBUTED", "TRAINS")
+METADATA = ("TAGS", "DATASET", "TARGET", "ALSO_TARGETS", "SMOKE", "BENCH", "DISTRIBUTED", "TRAINS")
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class RecipeInfo:
     # times a run (bench's time to target) and picks best.pt; a run meets its targets only when it meets all.
     also_targets: tuple[Target, ...] = ()
     smoke: dict[str, Any] = field(default_factory=dict)
+    bench: dict[str, Any] = field(default_factory=dict)
     fields: tuple[FieldSpec, ...] = ()
     can_predict: bool = False
     distributed: bool = False
@@ -215,9 +218,10 @@ def read_targets(path: Path) -> tuple[Target | None, tuple[Target, ...]]:
 def _info(path: Path, doc: str | None, constants: dict[str, Any], fields: list[FieldSpec],
           can_predict: bool) -> RecipeInfo:
     title, _, notes = (doc or recipe_id(path)).partition("\n")
-    smoke = constants.get("SMOKE", {})
-    if not isinstance(smoke, dict):
-        raise UserError(f"{path}: SMOKE must be a dict of Config values, not {smoke!r}")
+    smoke, bench = constants.get("SMOKE", {}), constants.get("BENCH", {})
+    for name, value in (("SMOKE", smoke), ("BENCH", bench)):
+        if not isinstance(value, dict):
+            raise UserError(f"{path}: {name} must be a dict of Config values, not {value!r}")
     return RecipeInfo(
         id=recipe_id(path),
         path=path,
@@ -228,6 +232,7 @@ def _info(path: Path, doc: str | None, constants: dict[str, Any], fields: list[F
         target=_target(path, constants.get("TARGET")),
         also_targets=_also_targets(path, constants.get("ALSO_TARGETS", ())),
         smoke=dict(smoke),
+        bench=dict(bench),
         fields=tuple(fields),
         can_predict=can_predict,
         distributed=bool(constants.get("DISTRIBUTED", False)),
@@ -312,12 +317,14 @@ def _field_type(path: Path, name: str, node: ast.AnnAssign | None, type_name: st
     return FIELD_TYPES[type_name]
 
 
-def config_values(info: RecipeInfo, smoke: bool = False, **overrides: Any) -> dict[str, Any]:
-    """A recipe's Config values: the defaults, then SMOKE (when `smoke`), then `overrides` for fields it has
-    (so `device="cpu", out=...` can be passed to every recipe)."""
+def config_values(info: RecipeInfo, smoke: bool = False, bench: bool = False, **overrides: Any) -> dict[str, Any]:
+    """A recipe's Config values: the defaults, then SMOKE (when `smoke`) or BENCH (when `bench`), then `overrides`
+    for fields it has (so `device="cpu", out=...` can be passed to every recipe)."""
     values = {f.name: f.default for f in info.fields}
     if smoke:
         values |= info.smoke
+    elif bench:
+        values |= info.bench
     return values | {k: v for k, v in overrides.items() if info.field(k)}
 
 

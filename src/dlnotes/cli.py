@@ -136,7 +136,7 @@ def smoke(
 @app.command()
 @user_errors
 def bench(
-    recipes: list[str] | None = typer.Argument(None, help="Recipe ids (default: every recipe with a TARGET)."),
+    recipes: list[str] | None = typer.Argument(None, help="Recipe ids (default: every recipe with a TARGET or BENCH)."),
     repeat: int = typer.Option(1, "--repeat", min=1,
                                help="Runs per recipe, run k with seed k-1; the table shows medians."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | mps"),
@@ -154,7 +154,7 @@ def bench(
     folder, rows = run_bench(infos, repeat, device, out, report=lambda line: console().print(line, highlight=False))
     print("\n" + (folder / "bench.md").read_text())  # plain: a Markdown table must not be wrapped
     console().print(f"bench.json and bench.md in {folder}")
-    if any(row["errors"] or row["met"] < row["runs"] for row in rows):
+    if any(row["errors"] or (row["met"] is not None and row["met"] < row["runs"]) for row in rows):
         raise typer.Exit(1)
 
 

@@ -51,6 +51,12 @@ def serving_idle_threads() -> None:
     quiet_idle_threads(spin_count=SERVE_SPIN_COUNT)
 
 
+def environment_choosing_its_own_wait() -> dict[str, str]:
+    """This process's environment without the wait settings `quiet_idle_threads` chose here (a user's stay): for
+    a child process that looks at the machine itself when it starts, and may serve (a bench worker)."""
+    return {name: value for name, value in os.environ.items() if name not in _chosen_here}
+
+
 def other_runnable_processes(samples: int = 5, interval_s: float = 0.01) -> float:
     """How many other processes want a core now: the median over a few samples of Linux's count of runnable
     tasks (/proc/loadavg's fourth field), less this one. The load average itself lags by a minute, long enough
