@@ -369,3 +369,16 @@ def test_the_llama_cpp_baseline_says_why_it_cannot_run(tmp_path: Path, monkeypat
     monkeypatch.setattr(baselines, "LLAMA_BENCH_BUILT", tmp_path / "absent")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert "make llama-bench" in baselines.llama_bench_missing()
+
+
+def test_a_baseline_on_a_setup_of_its_own_is_compared_with_the_recipes_way_on_it() -> None:
+    """seq2seq's toy-setup baseline times both ways on the notes' 8 pairs: its ratio is between those, not
+    against the recipe's Bible run."""
+    info = catalog.get("seq2seq")
+    recipe = bench.summarize(info, [{"metric": 21.0, "target_met": True, "wall_s": 600.0, "time_to_target_s": 600.0,
+                                     "throughput": 3600.0, "throughput_unit": "tokens/s", "run_dir": "x"}])
+    base = bench.compare(recipe, bench.summarize(info, [
+        {"throughput": 350.0, "recipe_throughput": 3500.0, "throughput_unit": "tokens/s", "wall_s": 20.0}],
+        baseline="notes' per-token loop, notes' toy setup"))
+    assert base["throughput_ratio"] == 10.0 and base["own_setup"]
+    assert bench.times_baseline(base) == "recipe 10.0× the throughput (both on this setup: 3,500 vs 350)"

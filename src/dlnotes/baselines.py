@@ -72,25 +72,63 @@ def seq2seq_per_token_loop(device: str, sentences: int = 64) -> dict[str, Any]:
     default size, its training pairs and vocabularies, with the same optimizer and clipping. Trains on a fixed
     random sample of `sentences` pairs (a mix of lengths) and returns target tokens (words + <eos>) per second."""
     import torch
-    import torch.nn.functional as F
+
+    recipe, cfg, where, train, model, optimizer = _seq2seq_setup(device)
+    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[:sentences].tolist()
+    tokens, seconds = _per_token_training(recipe, cfg, where, model, optimizer, [train[i] for i in chosen])
+    return {"throughput": tokens / seconds, "throughput_unit": "tokens/s", "sentences": len(chosen), "tokens": tokens}
+
+
+@baseline("seq2seq", "notes' per-token loop, notes' toy setup")
+def seq2seq_toy_setup(device: str, hidden: int = 64, rounds: int = 5, epochs: int = 100) -> dict[str, Any]:
+    """The notes' own setup: their 8 toy pairs (1-4 words a side, vocabularies of 12 and 11 words) at the hidden
+    size of the recipe's toy configuration (its SMOKE: 64; the notes' own size is not recorded here). Both ways
+    on it, each with its own model: the recipe's batched step (all 8 pairs are one padded batch) and the notes'
+    per-token loop, alternating for `rounds` rounds (`epochs` passes batched, a fifth of that one sentence at a
+    time) after an untimed one, medians of the rounds: this VM's speed drifts by 3x within seconds at times.
+    Its row's ratio is between these two (`recipe_throughput`), not against the recipe's Bible run: on 24
+    target words an epoch, batching cannot gain more than one batch of 8 sentences gives."""
+    import statistics
+
+    recipe, cfg, where, train, batched_model, batched_optimizer = _seq2seq_setup(device, dataset="toy", hidden=hidden)
+    *_, loop_model, loop_optimizer = _seq2seq_setup(device, dataset="toy", hidden=hidden)
+    speeds: dict[str, list[float]] = {"batched": [], "per_token": []}
+    for _ in range(rounds + 1):  # the first round warms up
+        tokens, seconds = _batched_training(recipe, cfg, where, batched_model, batched_optimizer, train, epochs)
+        speeds["batched"].append(tokens / seconds)
+        tokens, seconds = _per_token_training(recipe, cfg, where, loop_model, loop_optimizer, train * (epochs // 5))
+        speeds["per_token"].append(tokens / seconds)
+    return {"throughput": statistics.median(speeds["per_token"][1:]), "throughput_unit": "tokens/s",
+            "recipe_throughput": statistics.median(speeds["batched"][1:]), "sentences": len(train), "hidden": hidden}
+
+
+def _seq2seq_setup(device: str, **changes: Any) -> tuple:
+    """The seq2seq recipe's module, Config (its defaults, then `changes`), device, encoded training pairs, a
+    fresh model in training mode and its optimizer, seeded."""
+    import torch
 
     from dlnotes.device import pick_device, seed_everything
 
     info = catalog.get("seq2seq")
     recipe = catalog.load_module(info)
-    cfg = recipe.Config(**catalog.config_values(info, device=device))
+    cfg = recipe.Config(**catalog.config_values(info, device=device, **changes))
     where = pick_device(cfg.device)
-    generator = seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     pairs = recipe.load_pairs(cfg)
     src_vocab, tgt_vocab = recipe.build_vocabs(pairs["train"], cfg)
     train = recipe.encode_pairs(pairs["train"], src_vocab, tgt_vocab, cfg.max_len)
     model = recipe.Seq2Seq(len(src_vocab), len(tgt_vocab), cfg.hidden, cfg.dropout).to(where).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    chosen = torch.randperm(len(train), generator=generator)[:sentences].tolist()
+    return recipe, cfg, where, train, model, torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+
+def _per_token_training(recipe: Any, cfg: Any, where: Any, model: Any, optimizer: Any,
+                        pairs: list) -> tuple[int, float]:
+    """The notes' loop over `pairs`, one sentence and one target word at a time: (target tokens, seconds)."""
+    import torch
+    import torch.nn.functional as F
 
     tokens, start = 0, time.perf_counter()
-    for i in chosen:
-        src, tgt = train[i]
+    for src, tgt in pairs:
         memory, mask, state = model.encode(src[None].to(where), torch.tensor([len(src)]))  # one sentence: (1, S, H)
         loss, word = 0.0, torch.tensor([[recipe.BOS_ID]], device=where)
         for next_word in [*tgt.tolist(), recipe.EOS_ID]:  # one word at a time
@@ -104,8 +142,31 @@ def seq2seq_per_token_loop(device: str, sentences: int = 64) -> dict[str, Any]:
         tokens += len(tgt) + 1
     if where.type == "cuda":
         torch.cuda.synchronize()  # the GPU may still be working on the last steps
-    return {"throughput": tokens / (time.perf_counter() - start), "throughput_unit": "tokens/s",
-            "sentences": len(chosen), "tokens": tokens}
+    return tokens, time.perf_counter() - start
+
+
+def _batched_training(recipe: Any, cfg: Any, where: Any, model: Any, optimizer: Any, train: list,
+                      epochs: int) -> tuple[int, float]:
+    """The recipe's training step (length-sorted padded batches, every position at once) for `epochs` passes
+    over `train`: (target tokens, seconds)."""
+    import torch
+    import torch.nn.functional as F
+
+    tokens, start = 0, time.perf_counter()
+    for epoch in range(epochs):
+        for batch in recipe.length_batches(train, cfg.batch_size, torch.Generator().manual_seed(epoch)):
+            source, lengths, decoder_in, target = recipe.collate(train, batch, where)  # (B, S), (B,), (B, T), (B, T)
+            logits = model(source, lengths, decoder_in)  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=recipe.PAD_ID,
+                                   label_smoothing=cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            optimizer.step()
+            tokens += sum(len(train[i][1]) + 1 for i in batch)
+    if where.type == "cuda":
+        torch.cuda.synchronize()
+    return tokens, time.perf_counter() - start
 
 
 # --- cnn-mnist --------------------------------------------------------------------------------------------

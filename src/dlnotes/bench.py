@@ -18,6 +18,7 @@ recipe's `main` in-process, then reads the run directory it wrote:
     baselines        a recipe's baselines (`dlnotes.baselines`: the notes' own code for the same task) run
                      right after it, each in its own worker; their rows say how many times the recipe's
                      throughput theirs is (and how many times sooner the recipe met the target, when both did);
+                     one on a setup of its own (seq2seq's on the notes' toy pairs) times the recipe's way there too
                      an `after_recipe` baseline is handed the recipe's run directory, to match its training time
 
 `--repeat N` runs each recipe N times, run k with seed k - 1 (its baselines too, where they take a seed), and
@@ -228,8 +229,8 @@ def summarize(info: catalog.RecipeInfo, attempts: list[dict[str, Any]], baseline
                            "errors": [a["error"] for a in attempts if "error" in a]}
     if baseline:
         row["baseline"] = baseline
-    for key in ("metric", "wall_s", "throughput", "peak_rss_mib", "peak_cuda_mib", "ceiling", "ceiling_fraction",
-                "clock_s"):
+    for key in ("metric", "wall_s", "throughput", "recipe_throughput", "peak_rss_mib", "peak_cuda_mib", "ceiling",
+                "ceiling_fraction", "clock_s"):
         values = [a[key] for a in good if a.get(key) is not None]
         row[key] = statistics.median(values) if values else None
     # A run that never met the target counts as later than every run that did: dropping it would make a seed that
@@ -249,13 +250,16 @@ def summarize(info: catalog.RecipeInfo, attempts: list[dict[str, Any]], baseline
 
 def compare(recipe_row: dict[str, Any], baseline_row: dict[str, Any]) -> dict[str, Any]:
     """The baseline's row with how many times the recipe's throughput theirs is, and how many times sooner the
-    recipe met the target (None where either number is missing)."""
+    recipe met the target (None where either number is missing). A baseline on a setup of its own (the notes'
+    toy data) measured the recipe's way on it too (`recipe_throughput`): its ratio is between those two."""
     def ratio(top: float | None, bottom: float | None) -> float | None:
         return top / bottom if top and bottom else None
 
     same_unit = recipe_row["throughput_unit"] == baseline_row["throughput_unit"]
+    recipe_throughput = baseline_row.get("recipe_throughput") or (recipe_row["throughput"] if same_unit else None)
     return baseline_row | {
-        "throughput_ratio": ratio(recipe_row["throughput"], baseline_row["throughput"]) if same_unit else None,
+        "throughput_ratio": ratio(recipe_throughput, baseline_row["throughput"]),
+        "own_setup": bool(baseline_row.get("recipe_throughput")),
         "time_to_target_ratio": ratio(baseline_row["time_to_target_s"], recipe_row["time_to_target_s"]),
         # a baseline whose median run never met the target ran its whole budget (`clock_s`, on the clock its time to
         # target would have been read from) without it: the recipe was at least this many times sooner
@@ -316,7 +320,9 @@ def times_baseline(row: dict[str, Any]) -> str:
     ratio when both met the target); "—" on a recipe's own row."""
     parts = []
     if row.get("throughput_ratio"):
-        parts.append(f"recipe {row['throughput_ratio']:,.1f}× the throughput")
+        on_its_setup = (f" (both on this setup: {row['recipe_throughput']:,.0f} vs {row['throughput']:,.0f})"
+                        if row.get("own_setup") else "")
+        parts.append(f"recipe {row['throughput_ratio']:,.1f}× the throughput{on_its_setup}")
     if row.get("time_to_target_ratio"):
         parts.append(f"{row['time_to_target_ratio']:,.1f}× sooner to target")
     elif row.get("time_to_target_ratio_at_least"):
