@@ -132,7 +132,7 @@ def test_baselines_that_meet_the_target_are_compared_by_time_too() -> None:
     assert base["met"] == 1 and base["throughput_ratio"] == 0.5 and base["time_to_target_ratio"] == 3.5
     table = markdown_table([recipe, base], {"gpu": None, "cpu": "Some CPU", "cores": 2, "versions": {}}, 1)
     assert "| cnn-mnist baseline: notes' loop | test_acc ≥ 0.985 | 0.9850 | 1/1 | 35.0 | 40.0 |" in table
-    assert table.rstrip().endswith("| recipe 0.5× the throughput, 3.5× sooner to target |")
+    assert table.rstrip().endswith("| recipe 0.50× the throughput, 3.5× sooner to target |")
 
 
 def test_the_worker_runs_a_registered_baseline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -296,8 +296,8 @@ def test_a_recipe_without_a_target_gets_a_speed_row(tmp_path: Path) -> None:
 def fake_llm_worker(info: catalog.RecipeInfo, device: str, folder: Path, attempt: int, baseline: str = "",
                     stem: str = "") -> dict:
     if baseline:
-        return {"throughput": 80.0, "throughput_unit": "tokens/s", "prompt_tokens_per_s": 210.0, "wall_s": 6.0}
-    return {"wall_s": 30.0, "throughput": 50.0, "throughput_unit": "tokens/s", "run_dir": str(folder / "x")}
+        return {"throughput": 73.2, "throughput_unit": "tokens/s", "prompt_tokens_per_s": 210.0, "wall_s": 6.0}
+    return {"wall_s": 30.0, "throughput": 45.4, "throughput_unit": "tokens/s", "run_dir": str(folder / "x")}
 
 
 def test_llm_chat_against_llama_cpp_in_one_bench_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -309,9 +309,9 @@ def test_llm_chat_against_llama_cpp_in_one_bench_run(tmp_path: Path, monkeypatch
     assert result.exit_code == 0, result.output  # no target is not a missed target
     table = next((tmp_path / "bench").iterdir()) / "bench.md"
     recipe_line, baseline_line = table.read_text().splitlines()[4:6]
-    assert recipe_line.startswith("| llm-chat | — | — | — | — | 30.0 | 50 tokens/s |")
+    assert recipe_line.startswith("| llm-chat | — | — | — | — | 30.0 | 45 tokens/s |")
     assert baseline_line.startswith("| llm-chat baseline: llama.cpp llama-bench | — |")
-    assert baseline_line.endswith("| recipe 0.6× the throughput |")
+    assert baseline_line.endswith("| recipe 0.62× the throughput |")
 
 
 def test_a_baseline_whose_tool_is_missing_is_skipped_with_one_line(tmp_path: Path,
