@@ -278,6 +278,8 @@ def test_llm_chat_is_benched_with_its_fixed_question_for_speed_alone() -> None:
     values = catalog.config_values(info, bench=True, device="cpu")
     assert values["prompt"] and values["temperature"] == 0 and values["max_tokens"] == 200  # greedy: repeatable
     assert catalog.config_values(info)["prompt"] == ""  # a plain run still chats
+    for recipe in catalog.all_recipes().values():  # a misspelt BENCH key would be dropped without a word
+        assert set(recipe.bench) <= {f.name for f in recipe.fields}, recipe.id
 
 
 def test_a_recipe_without_a_target_gets_a_speed_row(tmp_path: Path) -> None:

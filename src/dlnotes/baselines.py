@@ -10,6 +10,8 @@ A baseline is registered for a recipe id with `@baseline(recipe_id, name)`. It i
     metric, time_to_target_s       optional: the recipe's TARGET metric and when the baseline met it
     clock_s                        optional: the seconds its clock ran (start as the recipe's run clock does);
                                    with a target never met, the recipe's time to target divides it as a bound
+    recipe_throughput              optional: a baseline on a setup of its own (the notes' toy data) times the
+                                   recipe's way there too, and its ratio is taken against that
 
 `@baseline(recipe_id, name, after_recipe=True)` makes it `run(device, recipe_run)`, given the run directory the
 recipe's own bench run just wrote: to train for as long as the recipe did (transformer-mt's LSTM at equal time).
@@ -39,13 +41,13 @@ class Baseline:
     name: str  # shown in the bench table
     run: Callable[..., dict[str, Any]]  # device -> result fields; (device, recipe's run directory) with after_recipe
     after_recipe: bool = False  # it matches something the recipe's run just measured (its training time, say)
-    missing: Callable[[], str] = str  # why it cannot run on this machine ("" when it can)
+    missing: Callable[[], str] = lambda: ""  # why it cannot run on this machine ("" when it can)
 
 
 BASELINES: dict[str, list[Baseline]] = {}
 
 
-def baseline(recipe: str, name: str, after_recipe: bool = False, missing: Callable[[], str] = str,
+def baseline(recipe: str, name: str, after_recipe: bool = False, missing: Callable[[], str] = lambda: "",
              ) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
     """Register the decorated function as a baseline of `recipe`. With `after_recipe` it is called as
     run(device, recipe_run), the run directory the recipe's own bench run just wrote."""

@@ -18,7 +18,7 @@ recipe's `main` in-process, then reads the run directory it wrote:
     baselines        a recipe's baselines (`dlnotes.baselines`: the notes' own code for the same task) run
                      right after it, each in its own worker; their rows say how many times the recipe's
                      throughput theirs is (and how many times sooner the recipe met the target, when both did);
-                     one on a setup of its own (seq2seq's on the notes' toy pairs) times the recipe's way there too
+                     one on a setup of its own (seq2seq's on the notes' toy pairs) times the recipe's way there too;
                      an `after_recipe` baseline is handed the recipe's run directory, to match its training time
 
 `--repeat N` runs each recipe N times, run k with seed k - 1 (its baselines too, where they take a seed), and
