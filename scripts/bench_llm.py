@@ -22,14 +22,12 @@ the same tokens, and the greedy replies to a fixed set of prompts next to fp32's
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import threading
 import time
 
-from dlnotes.launch import WAIT_VARIABLES, serving_idle_threads
+from dlnotes.launch import serving_idle_threads
 
 serving_idle_threads()  # before torch is imported, as dlnotes' server does
 
@@ -203,15 +201,12 @@ def check_quality(engine, tokens: int, reply_tokens: int) -> None:
 
 def llama_bench(binary: str, gguf, threads: int) -> tuple[float, float]:
     """(prompt, generation) tokens/s from llama.cpp's `llama-bench -p 64 -n 128` on the same GGUF file."""
-    cmd = [binary, "-m", str(gguf), "-t", str(threads), "-p", "64", "-n", "128", "-o", "json"]
-    # llama.cpp as its users run it: without the wait policy set above for torch. llama.cpp's OpenMP threads
-    # sleep between its many small per-token kernels under PASSIVE (measured: 20.7 instead of 78.9 tokens/s).
-    own_env = {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES}
-    rows = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=own_env).stdout)
-    speeds = {"pp" if row["n_prompt"] else "tg": float(row["avg_ts"]) for row in rows}
-    print(f"llama.cpp llama-bench -t {threads}: prompt {speeds['pp']:.1f} tokens/s, generation {speeds['tg']:.1f} "
-          f"tokens/s, load {os.getloadavg()[0]:.2f}", flush=True)
-    return speeds["pp"], speeds["tg"]
+    from dlnotes.llm import llama_bench as anchor
+
+    speeds = anchor.run(gguf, threads, path=binary)
+    print(f"llama.cpp llama-bench -t {threads}: prompt {speeds['prompt']:.1f} tokens/s, generation "
+          f"{speeds['generation']:.1f} tokens/s, load {os.getloadavg()[0]:.2f}", flush=True)
+    return speeds["prompt"], speeds["generation"]
 
 
 if __name__ == "__main__":

@@ -348,7 +348,7 @@ def test_the_llama_cpp_baseline_runs_llama_bench_on_the_served_gguf(tmp_path: Pa
 
     monkeypatch.setenv("DLNOTES_LLAMA_BENCH", str(fake_llama_bench(tmp_path)))
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # dlnotes' setting for torch, not llama.cpp's
-    assert baselines.llama_bench_missing() == ""
+    assert baselines.find("llm-chat", "llama.cpp llama-bench").missing() == ""
     result = baselines.llama_cpp_generation("cpu")
     assert result["throughput"] == 80.25 and result["throughput_unit"] == "tokens/s"
     assert result["prompt_tokens_per_s"] == 210.5
@@ -361,16 +361,17 @@ def test_the_llama_cpp_baseline_runs_llama_bench_on_the_served_gguf(tmp_path: Pa
 
 def test_the_llama_cpp_baseline_says_why_it_cannot_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from dlnotes.errors import UserError
+    from dlnotes.llm import llama_bench
 
     monkeypatch.setenv("DLNOTES_LLAMA_BENCH", str(fake_llama_bench(tmp_path, exit_code=3)))
     with pytest.raises(UserError, match="llama-bench failed \\(exit 3\\): error: failed to load model"):
         baselines.llama_cpp_generation("cpu")
     monkeypatch.setenv("DLNOTES_LLAMA_BENCH", str(tmp_path / "args"))  # exists, not executable
-    assert "not an executable file" in baselines.llama_bench_missing()
+    assert "not an executable file" in llama_bench.missing()
     monkeypatch.delenv("DLNOTES_LLAMA_BENCH")
-    monkeypatch.setattr(baselines, "LLAMA_BENCH_BUILT", tmp_path / "absent")
+    monkeypatch.setattr(llama_bench, "BUILT", tmp_path / "absent")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    assert "make llama-bench" in baselines.llama_bench_missing()
+    assert "make llama-bench" in llama_bench.missing()
 
 
 def test_a_baseline_on_a_setup_of_its_own_is_compared_with_the_recipes_way_on_it() -> None:

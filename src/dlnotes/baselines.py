@@ -24,12 +24,9 @@ lesson stays in the recipe file; the slow way it improves on lives here.
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from dlnotes import catalog
@@ -152,23 +149,30 @@ def _batched_training(recipe: Any, cfg: Any, where: Any, model: Any, optimizer: 
     """The recipe's training step (length-sorted padded batches, every position at once) for `epochs` passes
     over `train`: (target tokens, seconds)."""
     import torch
-    import torch.nn.functional as F
 
     tokens, start = 0, time.perf_counter()
     for epoch in range(epochs):
         for batch in recipe.length_batches(train, cfg.batch_size, torch.Generator().manual_seed(epoch)):
-            source, lengths, decoder_in, target = recipe.collate(train, batch, where)  # (B, S), (B,), (B, T), (B, T)
-            logits = model(source, lengths, decoder_in)  # (B, T, V)
-            loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=recipe.PAD_ID,
-                                   label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            optimizer.step()
-            tokens += sum(len(train[i][1]) + 1 for i in batch)
+            tokens += _seq2seq_step(recipe, cfg, where, model, optimizer, train, batch)
     if where.type == "cuda":
         torch.cuda.synchronize()
     return tokens, time.perf_counter() - start
+
+
+def _seq2seq_step(recipe: Any, cfg: Any, where: Any, model: Any, optimizer: Any, train: list, batch: list) -> int:
+    """One of the seq2seq recipe's training steps on `batch` (indices into `train`): its target tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    source, lengths, decoder_in, target = recipe.collate(train, batch, where)  # (B, S), (B,), (B, T), (B, T)
+    logits = model(source, lengths, decoder_in)  # (B, T, V): every position's next word at once
+    loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=recipe.PAD_ID,
+                           label_smoothing=cfg.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+    optimizer.step()
+    return sum(len(train[i][1]) + 1 for i in batch)  # target words + <eos>
 
 
 # --- cnn-mnist --------------------------------------------------------------------------------------------
@@ -323,7 +327,6 @@ def seq2seq_same_training_time(device: str, recipe_run: str, dataset: str = "bib
     from pathlib import Path
 
     import torch
-    import torch.nn.functional as F
 
     from dlnotes.datasets import epoch_generator
     from dlnotes.device import pick_device, seed_everything
@@ -352,15 +355,7 @@ def seq2seq_same_training_time(device: str, recipe_run: str, dataset: str = "bib
                 break
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * (1 - elapsed / budget)  # the recipe's linear decay, over time
-            source, lengths, decoder_in, target = recipe.collate(train, batch, where)
-            logits = model(source, lengths, decoder_in)  # (B, T, V)
-            loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=recipe.PAD_ID,
-                                   label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            optimizer.step()
-            steps, tokens = steps + 1, tokens + sum(len(train[i][1]) + 1 for i in batch)
+            steps, tokens = steps + 1, tokens + _seq2seq_step(recipe, cfg, where, model, optimizer, train, batch)
     trained = time.perf_counter() - start
     test = [(en, es) for en, es in pairs["test"] if len(en.split()) <= cfg.eval_words]
     sources, references = [en for en, _ in test], [es for _, es in test]
@@ -375,51 +370,28 @@ def seq2seq_same_training_time(device: str, recipe_run: str, dataset: str = "bib
 
 # --- llm-chat ---------------------------------------------------------------------------------------------
 
-LLAMA_BENCH_BUILT = Path(__file__).resolve().parents[2] / ".deps" / "bin" / "llama-bench"  # `make llama-bench`
+
+def _llama_bench_missing() -> str:
+    from dlnotes.llm import llama_bench
+
+    return llama_bench.missing()
 
 
-def llama_bench_binary() -> str:
-    """llama.cpp's llama-bench: $DLNOTES_LLAMA_BENCH, else the one `make llama-bench` built, else one on PATH."""
-    if given := os.environ.get("DLNOTES_LLAMA_BENCH"):
-        return given
-    return str(LLAMA_BENCH_BUILT) if LLAMA_BENCH_BUILT.is_file() else shutil.which("llama-bench") or ""
-
-
-def llama_bench_missing() -> str:
-    binary = llama_bench_binary()
-    if not binary:
-        return ("llama.cpp's llama-bench is not built: `make llama-bench` builds it into .deps/bin (~6 minutes), "
-                "or set DLNOTES_LLAMA_BENCH to one")
-    return "" if os.access(binary, os.X_OK) else f"DLNOTES_LLAMA_BENCH={binary} is not an executable file"
-
-
-@baseline("llm-chat", "llama.cpp llama-bench", missing=llama_bench_missing)
+@baseline("llm-chat", "llama.cpp llama-bench", missing=_llama_bench_missing)
 def llama_cpp_generation(device: str, repetitions: int = 3) -> dict[str, Any]:
     """llama.cpp generating from the same GGUF file the embedded server loads (SmolLM2-135M-Instruct, Q4_1),
     as the issue measured it: `llama-bench -p 64 -n 128` on as many threads as torch uses. Its generation
-    tokens/s against the recipe's streamed tokens/s over HTTP; its prompt tokens/s alongside. It runs with the
-    OpenMP wait settings its users have (none of dlnotes'): under PASSIVE its threads sleep between a token's
-    many small kernels (measured: 20.7 instead of 78.9 tokens/s)."""
-    import json
-    import subprocess
-
+    tokens/s against the recipe's streamed tokens/s over HTTP; its prompt tokens/s alongside."""
     import torch
 
     from dlnotes.device import pick_device
     from dlnotes.errors import UserError
-    from dlnotes.launch import WAIT_VARIABLES
+    from dlnotes.llm import llama_bench
     from dlnotes.llm.models import default_gguf
 
     if pick_device(device).type != "cpu":  # the recipe then serves from the GPU: no like-for-like ratio
         raise UserError("The llama.cpp baseline is built for the CPU: bench llm-chat with --device cpu.")
     threads = torch.get_num_threads()
-    command = [llama_bench_binary(), "-m", str(default_gguf()), "-t", str(threads), "-p", "64", "-n", "128",
-               "-r", str(repetitions), "-o", "json"]
-    own_env = {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES}
-    done = subprocess.run(command, capture_output=True, text=True, env=own_env)
-    if done.returncode != 0:
-        lines = (done.stderr or done.stdout).strip().splitlines()
-        raise UserError(f"llama-bench failed (exit {done.returncode}): {lines[-1] if lines else 'no output'}")
-    speeds = {"prompt" if row["n_prompt"] else "generation": float(row["avg_ts"]) for row in json.loads(done.stdout)}
+    speeds = llama_bench.run(default_gguf(), threads, repetitions)
     return {"throughput": speeds["generation"], "throughput_unit": "tokens/s",
             "prompt_tokens_per_s": speeds["prompt"], "threads": threads}
