@@ -13,6 +13,7 @@
     toolbox    the local tools of `llm-chat --tools`: a calculator (no eval), lookups in the catalog
     app        the FastAPI routes, streaming as server-sent events; Host/Origin/key checks, a bounded queue
     server     `dlnotes serve` and BackgroundServer: bind, load, run, stop
+    llama_bench  llama.cpp's own benchmark, the yardstick of serving speed: where it is, one run of it
 
 The same llama decoding step, written for reading rather than speed, is the recipe `llama-decode`.
 Importing the package imports nothing; each module is imported where it is used.
