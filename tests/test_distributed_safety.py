@@ -48,7 +48,10 @@ def test_broadcast_refuses_what_is_not_data() -> None:
 
 
 def _wait_for_training(process: subprocess.Popen, out: Path, deadline: float) -> None:
-    while not list(out.glob("mlp/*/metrics.jsonl")) or not (out / "mlp").exists():
+    """Until rank 0 has logged a row: the run directory's metrics.jsonl exists from the moment the Run is made,
+    but stop signals are watched only from `run.attach` on, and a signal before that quits at once ("error:
+    interrupted.", exit 130) by design; a row is written inside the training loop, after every rank attached."""
+    while not any(path.stat().st_size for path in out.glob("mlp/*/metrics.jsonl")):
         assert process.poll() is None, process.communicate()
         assert time.time() < deadline, "training did not start"
         time.sleep(0.2)
