@@ -92,6 +92,7 @@ def test_wheel_ships_recipes_and_data(tmp_path: Path) -> None:
     subprocess.run([*pip, "install", "--no-deps", "--target", target, wheel], check=True, capture_output=True,
                    timeout=300)
     assert (target / "dlnotes" / "recipes" / "cnn_mnist.py").is_file()
+    assert (target / "dlnotes" / "llm" / "llama_step.c").is_file()  # the server's C step builds from it
     code = ("from dlnotes import catalog, datasets; "
             "print(catalog.recipes_dir()); print(datasets.data_root()); "
             "print(datasets.load_image_dataset('mnist').train_images.shape)")

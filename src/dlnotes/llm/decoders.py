@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dlnotes.device import cpu_threads
-from dlnotes.llm import quantized
+from dlnotes.llm import native, quantized
 from dlnotes.llm.quantized import Int4Weight, Int8Rows
 
 WEIGHTS = ("auto", "fp16", "int4")  # LlamaDecoder's matrix formats; auto: int4 where the file had 4-bit groups
@@ -106,7 +106,8 @@ class LlamaDecoder:
     read once for all T prompt tokens, a matrix-matrix product that the CPU's fp32 kernels do well.
     Measured speeds of each variant (scripts/bench_llm.py) are in the README."""
 
-    def __init__(self, model: Any, compile: bool = True, weights: str = "auto", threads: int = 0) -> None:
+    def __init__(self, model: Any, compile: bool = True, weights: str = "auto", threads: int = 0,
+                 c_step: bool = True) -> None:
         if weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
         self.threads = threads or decoding_threads()
@@ -123,8 +124,13 @@ class LlamaDecoder:
             gate_up=torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]).detach(),
             down=layer.mlp.down_proj.weight.detach(),
         ) for layer in layers]
-        packed = _int4_or_none(matrices, weights)
-        self.weights = "int4" if packed else "fp16"
+        # A Q4_1 file on an x86 CPU with AVX2: the whole step in C, on the file's own blocks (native.py); the
+        # torch step's weights are then not made at all
+        self.native = native.c_step(model, matrices, self.threads) if c_step and weights != "fp16" else None
+        if self.native:
+            matrices = []
+        packed = None if self.native else _int4_or_none(matrices, weights)
+        self.weights = "int4" if packed or self.native else "fp16"
         matrices = packed or [{name: w.to(torch.float16) for name, w in m.items()} for m in matrices]
         self.layers = [LayerWeights(attn_norm=layer.input_layernorm.weight.detach(),
                                     mlp_norm=layer.post_attention_layernorm.weight.detach(), **m)
@@ -133,7 +139,8 @@ class LlamaDecoder:
         self.norm = model.model.norm.weight.detach()  # (D,)
         # (V, D): the largest matrix (tied to the embeddings); int8 rows next to 4-bit layers (see _int4_or_none)
         lm_head = model.lm_head.weight.detach()
-        self.lm_head = quantized.int8_rows(lm_head) if packed else lm_head.to(torch.float16)
+        self.lm_head = (None if self.native else quantized.int8_rows(lm_head) if packed else
+                        lm_head.to(torch.float16))
         # RoPE tables from transformers' own rotary embedding (covers Llama 3's rope scaling): (context, hd).
         # rotate_half(x) = cat(-x2, x1) equals roll(x, hd/2) with the first half negated: fold the sign into sin.
         positions = torch.arange(cfg.max_position_embeddings)[None]
@@ -144,7 +151,7 @@ class LlamaDecoder:
         self.cos, self.sin = cos[0], sin[0] * sign
         self.cache = torch.empty(0)
         self.layer_fn, self.final_fn, self.compiled = _layer, _final, False
-        if compile:
+        if compile and not self.native:
             self._compile()
 
     @staticmethod
@@ -166,7 +173,7 @@ class LlamaDecoder:
         logits = self.model(input_ids=inputs, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
         # (L, 2, S, KV, hd): position-major, so a layer's keys up to a position are one (S, KV, hd) slice whose
         # strides do not depend on S or max_len (the compiled layer then fits every request)
-        self.cache = torch.empty(len(self.layers), 2, max_len, self.kv_heads, self.head_dim)
+        self.cache = torch.empty(len(cache.layers), 2, max_len, self.kv_heads, self.head_dim)
         for i, layer in enumerate(cache.layers):
             self.cache[i, 0, : len(ids)] = layer.keys[0].transpose(0, 1)  # (KV, T, hd) -> (T, KV, hd)
             self.cache[i, 1, : len(ids)] = layer.values[0].transpose(0, 1)
@@ -178,6 +185,10 @@ class LlamaDecoder:
         pos, n = self.pos, self.pos + 1
         if n > self.cache.shape[2]:
             raise ValueError(f"the KV cache holds {self.cache.shape[2]} positions; prefill with a larger max_len")
+        if self.native:
+            logits = self.native.step(token, pos, self.cos[pos], self.sin[pos], self.cache)
+            self.pos = n
+            return logits
         with cpu_threads(self.threads):  # see the class docstring
             x = F.embedding(torch.tensor([token]), self.embed)[0]  # (D,)
             cos, sin = self.cos[pos], self.sin[pos]  # (hd,)
