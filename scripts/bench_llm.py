@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/bench_llm.py                 through the server's Engine (sampling, detokenizing)
     .venv/bin/python scripts/bench_llm.py --raw           decoder.prefill / decoder.step alone, argmax
-    .venv/bin/python scripts/bench_llm.py --eager         the hand-written step without torch.compile
+    .venv/bin/python scripts/bench_llm.py --torch-step    the torch step (int4 kernel, torch.compile) instead of C
+    .venv/bin/python scripts/bench_llm.py --eager         the torch step without torch.compile
     .venv/bin/python scripts/bench_llm.py --hf            transformers' own forward (HFDecoder), fp32
     .venv/bin/python scripts/bench_llm.py --weights fp16  the decoder's matrices in fp16 instead of auto (int4)
     ... --llama-bench /tmp/llama-bench-bin/llama-bench    llama.cpp's llama-bench on the same GGUF, before and
@@ -48,7 +49,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--raw", action="store_true", help="time the decoder alone")
-    parser.add_argument("--eager", action="store_true", help="no torch.compile")
+    parser.add_argument("--torch-step", action="store_true", help="the torch step instead of the C one (native.py)")
+    parser.add_argument("--eager", action="store_true", help="the torch step without torch.compile")
     parser.add_argument("--hf", action="store_true", help="transformers' forward instead of the hand-written step")
     parser.add_argument("--weights", default="auto", help="the hand-written step's matrices: auto | fp16 | int4")
     parser.add_argument("--llama-bench", default="", help="llama.cpp's llama-bench binary: run it side by side")
@@ -70,11 +72,12 @@ def main() -> None:
     print(f"model loaded in {time.perf_counter() - start:.1f} s", flush=True)
     start = time.perf_counter()
     engine = Engine(loaded)
-    if args.hf or args.eager or args.weights != "auto":
+    if args.hf or args.eager or args.torch_step or args.weights != "auto":
         engine.decoder = (HFDecoder(loaded.model) if args.hf else
-                          LlamaDecoder(loaded.model, compile=not args.eager, weights=args.weights))
+                          LlamaDecoder(loaded.model, compile=not args.eager, weights=args.weights, c_step=False))
     weights = getattr(engine.decoder, "weights", "fp32")
-    print(f"{type(engine.decoder).__name__} ({weights} weights) ready in {time.perf_counter() - start:.1f} s",
+    step = "C step" if getattr(engine.decoder, "native", None) else "torch step"
+    print(f"{type(engine.decoder).__name__} ({weights} weights, {step}) ready in {time.perf_counter() - start:.1f} s",
           flush=True)
     speeds = time_generation(engine, args)
     if args.ttft:
