@@ -3,7 +3,8 @@
     models     where a model is, how it loads, the cached conversion of a GGUF file
     tiny       a tiny random llama with its own tokenizer, for tests and smoke runs
     decoders   the forward passes: the prompt once, then one token per step (the hand-written llama step)
-    quantized  4-bit weight groups as a Q4 GGUF stores them, and the int4 product the decoding step reads
+    quantized  4-bit weight groups as a Q4 GGUF stores them, and the int4 product the torch step reads
+    native     the whole decoding step in C (llama_step.c) on the GGUF's own blocks: built on first use, x86 AVX2
     sampling   logits -> a token, tokens -> text as they come, stop strings
     engine     the decoding loop behind a lock, requests waiting in line: a request -> pieces of text
     schema     the HTTP request checked field by field, OpenAI's error shape, usage, the server's Limits

@@ -4,9 +4,10 @@
     logits = decoder.prefill(ids, max_len)   # (V,) scores for the token after the prompt
     logits = decoder.step(token)             # (V,) after one more token; the KV cache holds all before it
 
-`LlamaDecoder` is a llama's decoding step written out for the CPU's speed (fused 4-bit or fp16 matrices, an
-in-place KV cache, torch.compile). The same step written for reading, in fp32 and top to bottom, is the recipe
-`llama-decode` (`dlnotes show llama-decode`); both are tested against transformers' forward.
+`LlamaDecoder` is a llama's decoding step written out for the CPU's speed: for a Q4_1 GGUF on an x86 CPU with
+AVX2, the whole step in C (`native`, the server's usual path); otherwise in torch (fused 4-bit or fp16
+matrices, an in-place KV cache, torch.compile). The same step written for reading, in fp32 and top to bottom,
+is the recipe `llama-decode` (`dlnotes show llama-decode`); all are tested against transformers' forward.
 `HFDecoder`, transformers' own forward with its DynamicCache, serves GPUs and other architectures.
 Speeds measured with scripts/bench_llm.py are in the README, with the machine they were measured on.
 """
@@ -79,6 +80,10 @@ class LlamaDecoder:
     Generating a token reads every weight once (135M of them for SmolLM2-135M) to do 2 flops with each:
     memory traffic and per-operation overhead set the speed, not arithmetic. What each choice buys:
 
+    - The whole step in C (`c_step=True`, native.py) for a Q4_1 file on an x86 CPU with AVX2, FMA and F16C and
+      a C compiler: one call a token, the file's Q4_1 and Q8_0 blocks, fp32 activations (logits equal fp32's
+      up to summation order). It replaces everything below, which is the step where the C one cannot run
+      (another CPU or model format, no compiler) and the one measured against it (`bench_llm.py --torch-step`).
     - 4-bit weights where the file had them (`weights="auto"`, quantized.py): a Q4 GGUF's layer matrices stay
       the 4-bit groups they were, read by torch's int4 kernel, a quarter of fp16's bytes; nothing is rounded
       that the file had not rounded, only the kernel's bf16 input and scales. Held-out perplexity and greedy

@@ -28,7 +28,7 @@ typedef struct {
 
 /* Everything one step reads; the layer arrays hold every layer one after the other (same shapes). */
 typedef struct {
-    int layers, dim, hidden, heads, kv_heads, head_dim, vocab, threads;
+    int layers, dim, ffn, heads, kv_heads, head_dim, vocab, threads;  /* ffn: the MLP's width F */
     float eps;
     const float *embed;       /* (V, D) */
     const float *attn_norm;   /* (L, D) */
@@ -142,7 +142,7 @@ static void attention(const Model *M, const float *q, const float *keys, const f
 
 /* Scratch space the caller allocates: scratch_floats(M, max_len) floats */
 int scratch_floats(const Model *M, int max_len) {
-    int qkv = (M->heads + 2 * M->kv_heads) * M->head_dim, widest = 2 * M->hidden;
+    int qkv = (M->heads + 2 * M->kv_heads) * M->head_dim, widest = 2 * M->ffn;
     return 3 * M->dim + qkv + M->heads * M->head_dim + widest + M->heads * max_len;
 }
 
@@ -150,7 +150,7 @@ int scratch_floats(const Model *M, int max_len) {
  * (L, 2, max_len, KV, hd); the logits (V,) of the next token into `logits`. */
 void llama_step(const Model *M, int token, int pos, const float *cos, const float *sin, float *cache, int max_len,
                 float *logits, float *scratch) {
-    const int D = M->dim, F = M->hidden, H = M->heads, KV = M->kv_heads, hd = M->head_dim;
+    const int D = M->dim, F = M->ffn, H = M->heads, KV = M->kv_heads, hd = M->head_dim;
     const int qkv_rows = (H + 2 * KV) * hd, widest = 2 * F;
     float *x = scratch, *normed = x + D, *delta = normed + D, *qkv = delta + D, *att = qkv + qkv_rows;
     float *wide = att + H * hd, *scores = wide + widest;

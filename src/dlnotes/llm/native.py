@@ -84,11 +84,15 @@ def library() -> ctypes.CDLL:
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             os.unlink(temporary)
-            raise RuntimeError(f"{' '.join(command[:1])} failed: {done.stderr.strip().splitlines()[-1:]}")
+            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            raise RuntimeError(f"{command[0]} failed: {last}")
         os.replace(temporary, path)
     lib = ctypes.CDLL(str(path))  # a CDLL call lets go of the GIL while it runs
+    model, floats, number = ctypes.POINTER(_Model), ctypes.POINTER(ctypes.c_float), ctypes.c_int
+    lib.llama_step.argtypes = [model, number, number, floats, floats, floats, number, floats, floats]
     lib.llama_step.restype = None
-    lib.scratch_floats.restype = ctypes.c_int
+    lib.scratch_floats.argtypes = [model, number]
+    lib.scratch_floats.restype = number
     return lib
 
 
@@ -102,7 +106,7 @@ class _Q80(ctypes.Structure):
 
 class _Model(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int) for name in
-                ("layers", "dim", "hidden", "heads", "kv_heads", "head_dim", "vocab", "threads")] + [
+                ("layers", "dim", "ffn", "heads", "kv_heads", "head_dim", "vocab", "threads")] + [
         ("eps", ctypes.c_float),
         *((name, ctypes.c_void_p) for name in ("embed", "attn_norm", "mlp_norm", "norm")),
         *((name, _Q41) for name in ("qkv", "o", "gate_up", "down")),
@@ -145,7 +149,6 @@ class CStep:
     def __init__(self, lib: ctypes.CDLL, model: Any, layers: list[dict[str, tuple]], threads: int) -> None:
         cfg = model.config
         self.lib = lib
-        stack = lambda key, i: torch.stack([layer[key][i] for layer in layers]).contiguous()  # noqa: E731
         self.keep: list[torch.Tensor] = []  # every tensor the C side points into stays alive with this object
 
         def pointer(t: torch.Tensor) -> int:
@@ -153,13 +156,13 @@ class CStep:
             self.keep.append(t)
             return t.data_ptr()
 
-        def q41(key: str) -> _Q41:
-            return _Q41(*(pointer(stack(key, i)) for i in range(3)))
+        def q41(key: str) -> _Q41:  # every layer's blocks one after the other: (L, ...) per part
+            return _Q41(*(pointer(torch.stack([layer[key][part] for layer in layers])) for part in range(3)))
 
         lm_q, lm_d, _ = q8_0(model.lm_head.weight)
         inner = model.model
         self.model = _Model(
-            layers=len(layers), dim=cfg.hidden_size, hidden=cfg.intermediate_size, heads=cfg.num_attention_heads,
+            layers=len(layers), dim=cfg.hidden_size, ffn=cfg.intermediate_size, heads=cfg.num_attention_heads,
             kv_heads=cfg.num_key_value_heads, head_dim=getattr(cfg, "head_dim", None) or
             cfg.hidden_size // cfg.num_attention_heads, vocab=model.lm_head.weight.shape[0], threads=threads,
             eps=cfg.rms_norm_eps, embed=pointer(inner.embed_tokens.weight.float()),
@@ -171,14 +174,21 @@ class CStep:
         self.scratch = torch.empty(0)
 
     def step(self, token: int, pos: int, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        """Token `token` at position `pos` (cos, sin: that position's RoPE rows (hd,)); its keys and values go
+        into `cache` (L, 2, max_len, KV, hd) fp32; the logits (V,) for the next token."""
+        if cache.dtype != torch.float32 or not cache.is_contiguous() or not 0 <= pos < cache.shape[2]:
+            raise ValueError(f"the C step needs a contiguous fp32 cache with room for position {pos}")
         max_len = cache.shape[2]
-        if self.scratch.numel() < (need := self.lib.scratch_floats(ctypes.byref(self.model), max_len)):
+        if self.scratch.numel() < (need := self.lib.scratch_floats(self.model, max_len)):
             self.scratch = torch.empty(need)
         logits = torch.empty(self.vocab)
-        self.lib.llama_step(ctypes.byref(self.model), token, pos, ctypes.c_void_p(cos.data_ptr()),
-                            ctypes.c_void_p(sin.data_ptr()), ctypes.c_void_p(cache.data_ptr()), max_len,
-                            ctypes.c_void_p(logits.data_ptr()), ctypes.c_void_p(self.scratch.data_ptr()))
+        self.lib.llama_step(self.model, token, pos, _floats(cos), _floats(sin), _floats(cache), max_len,
+                            _floats(logits), _floats(self.scratch))
         return logits
+
+
+def _floats(t: torch.Tensor) -> Any:
+    return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_float))
 
 
 def c_step(model: Any, matrices: list[dict[str, torch.Tensor]], threads: int) -> CStep | None:
