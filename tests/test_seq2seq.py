@@ -237,16 +237,19 @@ def test_negative_decoding_values_are_one_line_errors(toy_run) -> None:
 
 def test_the_notes_per_token_loop_is_a_bench_baseline() -> None:
     """`dlnotes bench seq2seq` also runs the notes' loop on the recipe's default model and data, and on the
-    notes' own toy setup next to the recipe's batched step there."""
+    notes' own toy setup next to the recipe's batched step there (one batch of their 8 pairs, and the recipe's
+    batch of 32 from them)."""
     from dlnotes import baselines
 
-    loop, toy = baselines.for_recipe("seq2seq")
+    loop, toy, full_batch = baselines.for_recipe("seq2seq")
     result = loop.run("cpu", sentences=2)
     assert result["throughput"] > 0 and result["throughput_unit"] == "tokens/s" and result["sentences"] == 2
     assert result["tokens"] >= 4  # at least a word and <eos> per sentence
     result = toy.run("cpu", hidden=16, rounds=1, epochs=5)
     assert result["throughput"] > 0 and result["recipe_throughput"] > 0 and result["throughput_unit"] == "tokens/s"
-    assert result["sentences"] == 8  # the notes' pairs
+    assert result["sentences"] == result["batched_sentences"] == 8  # the notes' pairs
+    result = full_batch.run("cpu", hidden=16, rounds=1, epochs=5)
+    assert result["recipe_throughput"] > 0 and (result["sentences"], result["batched_sentences"]) == (8, 32)
 
 
 # --- bad input --------------------------------------------------------------------------------------------

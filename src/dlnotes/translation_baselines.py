@@ -27,26 +27,39 @@ def seq2seq_per_token_loop(device: str, sentences: int = 64) -> dict[str, Any]:
 
 
 @baseline("seq2seq", "notes' per-token loop, notes' toy setup")
-def seq2seq_toy_setup(device: str, hidden: int = 64, rounds: int = 5, epochs: int = 100) -> dict[str, Any]:
+def seq2seq_toy_setup(device: str, hidden: int = 64, rounds: int = 5, epochs: int = 100,
+                      copies: int = 1) -> dict[str, Any]:
     """The notes' own setup: their 8 toy pairs (1-4 words a side, vocabularies of 12 and 11 words) at the hidden
     size of the recipe's toy configuration (its SMOKE: 64; the notes' own size is not recorded here). Both ways
-    on it, each with its own model: the recipe's batched step (all 8 pairs are one padded batch) and the notes'
-    per-token loop, alternating for `rounds` rounds (`epochs` passes batched, a fifth of that one sentence at a
-    time) after an untimed one, medians of the rounds: this VM's speed drifts by 3x within seconds at times.
-    Its row's ratio is between these two (`recipe_throughput`), not against the recipe's Bible run: on 24
-    target words an epoch, batching cannot gain more than one batch of 8 sentences gives."""
+    on it, each with its own model: the recipe's batched step (the 8 pairs, `copies` times over, in batches of
+    the recipe's 32) and the notes' per-token loop, alternating for `rounds` rounds (`epochs` passes batched, a
+    fifth of that one sentence at a time) after an untimed one, medians of the rounds: this VM's speed drifts by
+    3x within seconds at times. Its row's ratio is between these two (`recipe_throughput`), not against the
+    recipe's Bible run: on 24 target words an epoch, batching cannot gain more than one batch of 8 sentences
+    gives."""
     import statistics
 
     recipe, cfg, where, train, batched_model, batched_optimizer = _seq2seq_setup(device, dataset="toy", hidden=hidden)
     *_, loop_model, loop_optimizer = _seq2seq_setup(device, dataset="toy", hidden=hidden)
     speeds: dict[str, list[float]] = {"batched": [], "per_token": []}
     for _ in range(rounds + 1):  # the first round warms up
-        tokens, seconds = _batched_training(recipe, cfg, where, batched_model, batched_optimizer, train, epochs)
+        tokens, seconds = _batched_training(recipe, cfg, where, batched_model, batched_optimizer, train * copies,
+                                            epochs)
         speeds["batched"].append(tokens / seconds)
         tokens, seconds = _per_token_training(recipe, cfg, where, loop_model, loop_optimizer, train * (epochs // 5))
         speeds["per_token"].append(tokens / seconds)
     return {"throughput": statistics.median(speeds["per_token"][1:]), "throughput_unit": "tokens/s",
-            "recipe_throughput": statistics.median(speeds["batched"][1:]), "sentences": len(train), "hidden": hidden}
+            "recipe_throughput": statistics.median(speeds["batched"][1:]), "sentences": len(train), "hidden": hidden,
+            "batched_sentences": len(train) * copies}
+
+
+@baseline("seq2seq", "notes' per-token loop, notes' vocabulary, hidden size and lengths, batch of 32")
+def seq2seq_toy_setup_full_batch(device: str, **sizes: Any) -> dict[str, Any]:
+    """The same at the recipe's batch size: the notes' vocabularies, hidden size and sentence lengths, 32
+    sentences a batch, which their 8 pairs fill only 4 times over. A throughput measurement (the same pair 4
+    times in a batch teaches nothing more): what batching gains at the notes' sizes once there are sentences
+    enough for the recipe's batch."""
+    return seq2seq_toy_setup(device, copies=4, **sizes)
 
 
 def _seq2seq_setup(device: str, **changes: Any) -> tuple:
