@@ -5,7 +5,7 @@ for as long as a transformer-mt run trained. `dlnotes.baselines` imports this mo
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from dlnotes import catalog
 from dlnotes.baselines import baseline
@@ -20,9 +20,9 @@ def seq2seq_per_token_loop(device: str, sentences: int = 64) -> dict[str, Any]:
     random sample of `sentences` pairs (a mix of lengths) and returns target tokens (words + <eos>) per second."""
     import torch
 
-    recipe, cfg, where, train, model, optimizer = _seq2seq_setup(device)
-    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[:sentences].tolist()
-    tokens, seconds = _per_token_training(recipe, cfg, where, model, optimizer, [train[i] for i in chosen])
+    setup = _seq2seq_setup(device)
+    chosen = torch.randperm(len(setup.train), generator=torch.Generator().manual_seed(setup.cfg.seed))[:sentences]
+    tokens, seconds = _per_token_training(setup, [setup.train[i] for i in chosen.tolist()])
     return {"throughput": tokens / seconds, "throughput_unit": "tokens/s", "sentences": len(chosen), "tokens": tokens}
 
 
@@ -39,14 +39,13 @@ def seq2seq_toy_setup(device: str, hidden: int = 64, rounds: int = 5, epochs: in
     gives."""
     import statistics
 
-    recipe, cfg, where, train, batched_model, batched_optimizer = _seq2seq_setup(device, dataset="toy", hidden=hidden)
-    *_, loop_model, loop_optimizer = _seq2seq_setup(device, dataset="toy", hidden=hidden)
+    batched, loop = (_seq2seq_setup(device, dataset="toy", hidden=hidden) for _ in range(2))  # a model each
+    train = batched.train
     speeds: dict[str, list[float]] = {"batched": [], "per_token": []}
     for _ in range(rounds + 1):  # the first round warms up
-        tokens, seconds = _batched_training(recipe, cfg, where, batched_model, batched_optimizer, train * copies,
-                                            epochs)
+        tokens, seconds = _batched_training(batched, train * copies, epochs)
         speeds["batched"].append(tokens / seconds)
-        tokens, seconds = _per_token_training(recipe, cfg, where, loop_model, loop_optimizer, train * (epochs // 5))
+        tokens, seconds = _per_token_training(loop, train * (epochs // 5))
         speeds["per_token"].append(tokens / seconds)
     return {"throughput": statistics.median(speeds["per_token"][1:]), "throughput_unit": "tokens/s",
             "recipe_throughput": statistics.median(speeds["batched"][1:]), "sentences": len(train), "hidden": hidden,
@@ -62,9 +61,22 @@ def seq2seq_toy_setup_full_batch(device: str, **sizes: Any) -> dict[str, Any]:
     return seq2seq_toy_setup(device, copies=4, **sizes)
 
 
-def _seq2seq_setup(device: str, **changes: Any) -> tuple:
-    """The seq2seq recipe's module, Config (its defaults, then `changes`), device, encoded training pairs, a
-    fresh model in training mode and its optimizer, seeded."""
+class Seq2seqSetup(NamedTuple):
+    """What a seq2seq baseline trains with: the recipe's module and Config, the device, the text pairs by split,
+    the vocabularies, the encoded training pairs, a fresh model in training mode and its optimizer."""
+    recipe: Any
+    cfg: Any
+    where: Any
+    pairs: dict[str, list]
+    src_vocab: Any
+    tgt_vocab: Any
+    train: list
+    model: Any
+    optimizer: Any
+
+
+def _seq2seq_setup(device: str, **changes: Any) -> Seq2seqSetup:
+    """The seq2seq recipe's defaults, then `changes`, seeded."""
     import torch
 
     from dlnotes.device import pick_device, seed_everything
@@ -78,15 +90,16 @@ def _seq2seq_setup(device: str, **changes: Any) -> tuple:
     src_vocab, tgt_vocab = recipe.build_vocabs(pairs["train"], cfg)
     train = recipe.encode_pairs(pairs["train"], src_vocab, tgt_vocab, cfg.max_len)
     model = recipe.Seq2Seq(len(src_vocab), len(tgt_vocab), cfg.hidden, cfg.dropout).to(where).train()
-    return recipe, cfg, where, train, model, torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    return Seq2seqSetup(recipe, cfg, where, pairs, src_vocab, tgt_vocab, train, model,
+                        torch.optim.Adam(model.parameters(), lr=cfg.lr))
 
 
-def _per_token_training(recipe: Any, cfg: Any, where: Any, model: Any, optimizer: Any,
-                        pairs: list) -> tuple[int, float]:
+def _per_token_training(setup: Seq2seqSetup, pairs: list) -> tuple[int, float]:
     """The notes' loop over `pairs`, one sentence and one target word at a time: (target tokens, seconds)."""
     import torch
     import torch.nn.functional as F
 
+    recipe, cfg, where, model, optimizer = setup.recipe, setup.cfg, setup.where, setup.model, setup.optimizer
     tokens, start = 0, time.perf_counter()
     for src, tgt in pairs:
         memory, mask, state = model.encode(src[None].to(where), torch.tensor([len(src)]))  # one sentence: (1, S, H)
@@ -105,27 +118,27 @@ def _per_token_training(recipe: Any, cfg: Any, where: Any, model: Any, optimizer
     return tokens, time.perf_counter() - start
 
 
-def _batched_training(recipe: Any, cfg: Any, where: Any, model: Any, optimizer: Any, train: list,
-                      epochs: int) -> tuple[int, float]:
+def _batched_training(setup: Seq2seqSetup, train: list, epochs: int) -> tuple[int, float]:
     """The recipe's training step (length-sorted padded batches, every position at once) for `epochs` passes
     over `train`: (target tokens, seconds)."""
     import torch
 
     tokens, start = 0, time.perf_counter()
     for epoch in range(epochs):
-        for batch in recipe.length_batches(train, cfg.batch_size, torch.Generator().manual_seed(epoch)):
-            tokens += _seq2seq_step(recipe, cfg, where, model, optimizer, train, batch)
-    if where.type == "cuda":
+        for batch in setup.recipe.length_batches(train, setup.cfg.batch_size, torch.Generator().manual_seed(epoch)):
+            tokens += _seq2seq_step(setup, train, batch)
+    if setup.where.type == "cuda":
         torch.cuda.synchronize()
     return tokens, time.perf_counter() - start
 
 
-def _seq2seq_step(recipe: Any, cfg: Any, where: Any, model: Any, optimizer: Any, train: list, batch: list) -> int:
+def _seq2seq_step(setup: Seq2seqSetup, train: list, batch: list) -> int:
     """One of the seq2seq recipe's training steps on `batch` (indices into `train`): its target tokens."""
     import torch
     import torch.nn.functional as F
 
-    source, lengths, decoder_in, target = recipe.collate(train, batch, where)  # (B, S), (B,), (B, T), (B, T)
+    recipe, cfg, model, optimizer = setup.recipe, setup.cfg, setup.model, setup.optimizer
+    source, lengths, decoder_in, target = recipe.collate(train, batch, setup.where)  # (B, S), (B,), (B, T), (B, T)
     logits = model(source, lengths, decoder_in)  # (B, T, V): every position's next word at once
     loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=recipe.PAD_ID,
                            label_smoothing=cfg.label_smoothing)
@@ -151,22 +164,14 @@ def seq2seq_same_training_time(device: str, recipe_run: str, dataset: str = "bib
     import torch
 
     from dlnotes.datasets import epoch_generator
-    from dlnotes.device import pick_device, seed_everything
     from dlnotes.text import corpus_bleu
     from dlnotes.translation import bleu_by_group, group_metrics
 
     rows = [json.loads(line) for line in (Path(recipe_run) / "metrics.jsonl").read_text().splitlines()]
     budget = max(row["time_s"] for row in rows if "epoch" in row)  # the transformer's training, with validation
-    info = catalog.get("seq2seq")
-    recipe = catalog.load_module(info)
-    cfg = recipe.Config(**catalog.config_values(info, device=device, dataset=dataset))  # toy: for the tests
-    where = pick_device(cfg.device)
-    seed_everything(cfg.seed)
-    pairs = recipe.load_pairs(cfg)
-    src_vocab, tgt_vocab = recipe.build_vocabs(pairs["train"], cfg)
-    train = recipe.encode_pairs(pairs["train"], src_vocab, tgt_vocab, cfg.max_len)
-    model = recipe.Seq2Seq(len(src_vocab), len(tgt_vocab), cfg.hidden, cfg.dropout).to(where).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    setup = _seq2seq_setup(device, dataset=dataset)  # toy: for the tests
+    recipe, cfg, where, pairs, train, optimizer = (setup.recipe, setup.cfg, setup.where, setup.pairs, setup.train,
+                                                   setup.optimizer)
 
     steps = tokens = 0
     epoch, start = 0, time.perf_counter()
@@ -177,11 +182,11 @@ def seq2seq_same_training_time(device: str, recipe_run: str, dataset: str = "bib
                 break
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * (1 - elapsed / budget)  # the recipe's linear decay, over time
-            steps, tokens = steps + 1, tokens + _seq2seq_step(recipe, cfg, where, model, optimizer, train, batch)
+            steps, tokens = steps + 1, tokens + _seq2seq_step(setup, train, batch)
     trained = time.perf_counter() - start
     test = [(en, es) for en, es in pairs["test"] if len(en.split()) <= cfg.eval_words]
     sources, references = [en for en, _ in test], [es for _, es in test]
-    outputs, _ = recipe.translate(model, sources, src_vocab, tgt_vocab, cfg, where, beam=cfg.beam)
+    outputs, _ = recipe.translate(setup.model, sources, setup.src_vocab, setup.tgt_vocab, cfg, where, beam=cfg.beam)
     groups = bleu_by_group(sources, references, outputs, pairs["train"])
     summary = json.loads((Path(recipe_run) / "summary.json").read_text())["metrics"]
     return {"metric": corpus_bleu(outputs, references), "throughput": tokens / trained,
