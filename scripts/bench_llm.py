@@ -76,7 +76,8 @@ def main() -> None:
         engine.decoder = (HFDecoder(loaded.model) if args.hf else
                           LlamaDecoder(loaded.model, compile=not args.eager, weights=args.weights, c_step=False))
     weights = getattr(engine.decoder, "weights", "fp32")
-    step = "C step" if getattr(engine.decoder, "native", None) else "torch step"
+    step = ("transformers' forward" if isinstance(engine.decoder, HFDecoder) else
+            "C step" if engine.decoder.native else "torch step")
     print(f"{type(engine.decoder).__name__} ({weights} weights, {step}) ready in {time.perf_counter() - start:.1f} s",
           flush=True)
     speeds = time_generation(engine, args)

@@ -38,9 +38,11 @@ from typing import Any
 
 import torch
 
+from dlnotes.llm import quantized
+
 SOURCE = Path(__file__).with_name("llama_step.c")
 FLAGS = ("avx2", "fma", "f16c")  # the instructions llama_step.c is compiled for
-BLOCK = 32
+BLOCK = quantized.GROUP  # 32 weights of a row per block, in every GGUF format used here
 
 
 def cpu_flags() -> set[str]:
@@ -119,16 +121,12 @@ def q4_1(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | N
     n, k = w.shape
     if k % BLOCK:
         return None
-    blocks = w.detach().float().reshape(n, k // BLOCK, BLOCK)
-    low, high = blocks.amin(-1), blocks.amax(-1)  # (N, K/32): q = 0 and q = 15 in each block
-    d, m = ((high - low) / 15).half(), low.half()
-    step = d.float()[..., None]
-    q = torch.where(step > 0, (blocks - m.float()[..., None]) / step.clamp(min=1e-30), 0).round().clamp(0, 15)
-    if ((q * step + m.float()[..., None] - blocks).abs() > 1e-3 * step + 1e-6 * blocks.abs()).any():
+    q, d, m, exact = quantized.q4_1_groups(w, scales=torch.float16)  # the file's d and m are fp16
+    if not exact:
         return None
     q = q.to(torch.uint8)
     nibbles = q[..., :16] | (q[..., 16:] << 4)  # byte j: weight j low, weight j + 16 high
-    return nibbles.reshape(n, k // 2).contiguous(), d.contiguous(), m.contiguous()
+    return nibbles.reshape(n, k // 2).contiguous(), d[..., 0].half().contiguous(), m[..., 0].half().contiguous()
 
 
 def q8_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -170,7 +168,6 @@ class CStep:
             mlp_norm=pointer(torch.stack([layer.post_attention_layernorm.weight for layer in inner.layers]).float()),
             norm=pointer(inner.norm.weight.float()), qkv=q41("qkv"), o=q41("o"), gate_up=q41("gate_up"),
             down=q41("down"), lm_head=_Q80(pointer(lm_q), pointer(lm_d)))
-        self.vocab = self.model.vocab
         self.scratch = torch.empty(0)
 
     def step(self, token: int, pos: int, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
@@ -181,7 +178,7 @@ class CStep:
         max_len = cache.shape[2]
         if self.scratch.numel() < (need := self.lib.scratch_floats(self.model, max_len)):
             self.scratch = torch.empty(need)
-        logits = torch.empty(self.vocab)
+        logits = torch.empty(self.model.vocab)
         self.lib.llama_step(self.model, token, pos, _floats(cos), _floats(sin), _floats(cache), max_len,
                             _floats(logits), _floats(self.scratch))
         return logits

@@ -54,23 +54,32 @@ def available() -> bool:
 
 def int4_groups(w: torch.Tensor, exact: bool = True) -> Int4Weight | None:
     """(N, K) weights -> Int4Weight; None where the kernel cannot take the shape, or, with `exact`, where the
-    weights are not already 4-bit groups (quantizing them would change the model).
-
-    Each group's smallest weight is q = 0 and its largest q = 15 (that is how Q4_1 chooses d and m), so
-    min and max recover d and m, and every q, from the dequantized fp32 weights."""
+    weights are not already 4-bit groups (quantizing them would change the model). The groups, d and m come
+    from the dequantized fp32 weights (q4_1_groups)."""
     n, k = w.shape
     if n % 16 or k % GROUP:  # the kernel's packing works on 16 rows at a time
         return None
-    groups = w.detach().float().view(n, k // GROUP, GROUP)  # (N, K/32, 32)
-    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)  # (N, K/32, 1) each
-    scale = (high - low) / 15
-    q = torch.where(scale > 0, (groups - low) / scale.clamp(min=1e-30), 0).round().clamp(0, 15)
-    if exact and ((q * scale + low - groups).abs() > 1e-3 * scale + 1e-6 * groups.abs()).any():
-        return None  # not 4-bit groups: more than a thousandth of a step between a weight and its group's grid
+    q, scale, low, is_groups = q4_1_groups(w)
+    if exact and not is_groups:
+        return None
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(n, k).to(torch.int32), 1)
     zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
     scales_zeros = torch.cat([scale, zero], -1).transpose(0, 1).contiguous()  # (K/32, N, 2)
     return Int4Weight(packed, scales_zeros.to(torch.bfloat16))
+
+
+def q4_1_groups(w: torch.Tensor, scales: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """(N, K) weights -> their Q4_1 groups: q (N, K/32, 32) in 0..15 (as floats), the scale d and the minimum m
+    (N, K/32, 1), held to `scales`' precision, and whether the weights are exactly these groups (no weight more
+    than a thousandth of a step off its group's grid). Q4_1 gives each group's smallest weight q = 0 and its
+    largest q = 15, so min and max recover d and m, and every q."""
+    n, k = w.shape
+    groups = w.detach().float().reshape(n, k // GROUP, GROUP)  # (N, K/32, 32)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)  # (N, K/32, 1) each
+    scale, low = ((high - low) / 15).to(scales).float(), low.to(scales).float()
+    q = torch.where(scale > 0, (groups - low) / scale.clamp(min=1e-30), 0).round().clamp(0, 15)
+    exact = not ((q * scale + low - groups).abs() > 1e-3 * scale + 1e-6 * groups.abs()).any()
+    return q, scale, low, exact
 
 
 def int8_rows(w: torch.Tensor) -> Int8Rows:
